@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 
+class ConfigError(ValueError):
+    """A config value, override or combination that cannot run; the message names it."""
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _check_choice(node: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -50,6 +54,7 @@ class ModelConfig:
     softcap_value: float = 15.0
     attention_scale: float | None = 0.12  # None means 1/sqrt(head_dim)
     attention_impl: Literal["xla", "cudnn", "pallas"] = "xla"
+    scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them (faster steps on GPU)
     init: Literal["gpt2", "speedrun"] = "speedrun"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
@@ -252,20 +257,20 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
                 return text
         except ValueError:
             continue
-    raise ValueError(f"--set {key}={text!r}: not a valid value of type {annotation}")
+    raise ConfigError(f"--set {key}={text!r}: not a valid value of type {annotation}")
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.field=value` overrides (as given to `--set`) to a config.
 
     Raises:
-      ValueError: naming the key or value when a key does not exist, a value does
+      ConfigError: naming the key or value when a key does not exist, a value does
         not parse as the field's type, or the resulting config fails validation.
     """
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep:
-            raise ValueError(f"--set {override!r}: expected section.field=value")
+            raise ConfigError(f"--set {override!r}: expected section.field=value")
         path = key.strip().split(".")
         cfg = _replace_path(cfg, path, text.strip(), key)
     return cfg
@@ -274,13 +279,13 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def _replace_path(node: Any, path: list[str], text: str, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(node)}
     if path[0] not in fields:
-        raise ValueError(f"--set {key}: {type(node).__name__} has no field {path[0]!r}; fields are {sorted(fields)}")
+        raise ConfigError(f"--set {key}: {type(node).__name__} has no field {path[0]!r}; fields are {sorted(fields)}")
     field = fields[path[0]]
     child = getattr(node, path[0])
     if len(path) == 1:
         if dataclasses.is_dataclass(child):
-            raise ValueError(f"--set {key}: {path[0]!r} is a section; name one of its fields")
+            raise ConfigError(f"--set {key}: {path[0]!r} is a section; name one of its fields")
         return dataclasses.replace(node, **{path[0]: _parse_value(text, field.type, key)})
     if not dataclasses.is_dataclass(child):
-        raise ValueError(f"--set {key}: {path[0]!r} is a value, not a section")
+        raise ConfigError(f"--set {key}: {path[0]!r} is a value, not a section")
     return dataclasses.replace(node, **{path[0]: _replace_path(child, path[1:], text, key)})

@@ -1,0 +1,121 @@
+"""Who optimizes what: the param table, the lr schedule and `make_optimizer`.
+
+One table maps param paths to a group. `param_labels` derives every leaf's
+group from its path (never from its rank: that would send `embed` and
+`lm_head` to Muon) and `make_optimizer` builds one optax transform per group,
+joined with `optax.partition`:
+
+  group   | kind="muon_adam"            | kind="adamw"
+  embed   | Adam, optim.embed_lr        | AdamW, optim.embed_lr
+  head    | Adam, optim.head_lr         | AdamW, optim.head_lr
+  scalar  | Adam, optim.scalar_lr       | AdamW, optim.scalar_lr
+  hidden  | Muon, optim.muon_lr         | AdamW, optim.hidden_lr
+
+Every learning rate follows the same schedule (warmup, constant, then a
+linear or cosine cooldown), a function of the optimizer's own step count so
+the whole update stays one compiled program.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrun import muon
+from jaxrun.config import Config, OptimConfig
+
+GROUPS = ("embed", "head", "scalar", "hidden")
+
+# (path pattern, group). A path is "/"-joined dict keys, e.g. "blocks/attn/w_q".
+PARAM_TABLE: tuple[tuple[str, str], ...] = (
+    (r"embed/(tokens|positions)", "embed"),
+    (r"lm_head/w", "head"),
+    (r"lm_head/b", "scalar"),
+    (r"blocks/(attn|mlp)/w_\w+", "hidden"),
+    (r"blocks/(attn|mlp)/b_\w+", "scalar"),
+    (r"(\w+/)*(gain|bias)", "scalar"),
+)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def label_of(path: str) -> str:
+    """The group of one param path; ValueError unless exactly one table row matches."""
+    groups = [group for pattern, group in PARAM_TABLE if re.fullmatch(pattern, path)]
+    if len(groups) != 1:
+        raise ValueError(f"param {path!r} matches {len(groups)} rows of PARAM_TABLE (needs exactly 1)")
+    return groups[0]
+
+
+def param_labels(params: Any) -> Any:
+    """A pytree like `params` holding each leaf's group name."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: label_of(path_str(path)), params)
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int):
+    """The schedule eta(step) in [0, 1] that scales every group's learning rate.
+
+    Linear warmup over `warmup_steps` (llm.c), constant, then a decay to
+    `final_lr_frac` that starts at max(warmup_steps, (1 - cooldown_frac)·total):
+    linear for the speedrun, cosine for llm.c.
+    """
+    decay_start = max(cfg.warmup_steps, (1 - cfg.cooldown_frac) * total_steps)
+
+    def eta(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        ratio = jnp.clip((step - decay_start) / max(total_steps - decay_start, 1), 0.0, 1.0)
+        if cfg.cooldown_shape == "linear":
+            keep = 1.0 - ratio
+        else:
+            keep = 0.5 * (1.0 + jnp.cos(math.pi * ratio))
+        return warm * (cfg.final_lr_frac + (1.0 - cfg.final_lr_frac) * keep)
+
+    return eta
+
+
+def _muon_momentum(cfg: OptimConfig) -> optax.ScalarOrSchedule:
+    if cfg.muon_momentum_warmup_from is None:
+        return cfg.muon_momentum
+    return optax.linear_schedule(
+        cfg.muon_momentum_warmup_from, cfg.muon_momentum, cfg.muon_momentum_warmup_steps
+    )
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """The optimizer for `cfg`: one transform per group, partitioned by param path."""
+    o = cfg.optim
+    eta = lr_factor(o, cfg.train.steps)
+    group_lr = {"embed": o.embed_lr, "head": o.head_lr, "scalar": o.scalar_lr, "hidden": o.hidden_lr}
+
+    def adam(group: str) -> optax.GradientTransformation:
+        decay = o.adam_weight_decay if (group != "scalar" or o.adam_decay_vectors) else 0.0
+        return optax.adamw(
+            lambda step, lr=group_lr[group]: lr * eta(step),
+            b1=o.adam_b1,
+            b2=o.adam_b2,
+            eps=o.adam_eps,
+            weight_decay=decay,
+        )
+
+    transforms = {group: adam(group) for group in GROUPS}
+    if o.kind == "muon_adam":
+        transforms["hidden"] = muon.muon(
+            lambda step: o.muon_lr * eta(step),
+            weight_decay=o.muon_weight_decay,
+            weight_decay_mode=o.muon_weight_decay_mode,
+            momentum=_muon_momentum(o),
+            ns=o.muon_ns,
+            scaling=o.muon_scaling,
+        )
+    tx = optax.partition(transforms, param_labels)
+    if o.grad_clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    return tx

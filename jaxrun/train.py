@@ -1,0 +1,204 @@
+"""The jitted train step, eval, and the timed training loop.
+
+`make_train_step(cfg, mesh)` returns one compiled program for the whole
+update: forward and backward over every micro-batch (a `lax.scan`), the
+gradient all-reduce XLA inserts for the data-parallel mesh, and the optimizer.
+The state is donated. `run(cfg)` is what `launch.py` calls: it compiles ahead
+of time, warms up, re-initializes (so timing excludes compilation, the
+speedrun's rule), then trains, evaluating and logging in the speedrun's format.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrun import data as data_lib
+from jaxrun import model, optim, sharding
+from jaxrun.config import Config, ConfigError
+from jaxrun.runlog import RunLog
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: model.Params
+    opt_state: optax.OptState
+
+
+def grad_accum_steps(cfg: Config, num_devices: int) -> int:
+    """Micro-batches per step, so that batch_seqs = accum · micro_batch_seqs · devices."""
+    per_pass = cfg.train.micro_batch_seqs * num_devices
+    if cfg.data.batch_seqs % per_pass:
+        raise ConfigError(
+            f"data.batch_seqs={cfg.data.batch_seqs} is not a multiple of train.micro_batch_seqs="
+            f"{cfg.train.micro_batch_seqs} × {num_devices} devices"
+        )
+    return cfg.data.batch_seqs // per_pass
+
+
+def init_state(cfg: Config, key: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
+    """Fresh params and optimizer state, replicated over the mesh."""
+
+    def build(key):
+        params = model.init(key, cfg.model)
+        return TrainState(jnp.zeros((), jnp.int32), params, optim.make_optimizer(cfg).init(params))
+
+    return jax.jit(build, out_shardings=sharding.replicated(mesh))(key)
+
+
+def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
+    """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+    `batch` holds int32 `inputs` and `targets` shaped [accum, seqs, T].
+    """
+    tx = optim.make_optimizer(cfg)
+
+    def summed_loss(params, micro):
+        losses_BT = model.token_losses(params, micro, cfg.model)
+        return losses_BT.sum(), (micro["targets"] >= 0).sum()
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        def accumulate(carry, micro):
+            grads, loss_sum, count = carry
+            (micro_loss, micro_count), micro_grads = jax.value_and_grad(summed_loss, has_aux=True)(
+                state.params, micro
+            )
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, loss_sum + micro_loss, count + micro_count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0), batch)
+        if cfg.optim.loss_reduction == "mean":
+            grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(cfg: Config):
+    """`eval_step(params, batch) -> summed token loss` over a [seqs, T] batch."""
+
+    def eval_step(params, batch):
+        return model.token_losses(params, batch, cfg.model).sum()
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params, val: dict[str, np.ndarray], cfg: Config, mesh) -> float:
+    """Mean val loss over the val tokens, in chunks of val_batch_seqs per device.
+
+    Every process holds all val rows and hands in its share of each chunk.
+    """
+    chunk = cfg.data.val_batch_seqs * mesh.size
+    share = chunk // jax.process_count()
+    mine = jax.process_index() * share
+    total, num_chunks = 0.0, len(val["inputs"]) // chunk
+    for start in range(0, num_chunks * chunk, chunk):
+        local = {k: v[start + mine : start + mine + share] for k, v in val.items()}
+        total += eval_step(params, sharding.global_batch(local, sharding.eval_sharding(mesh)))
+    return float(total) / (num_chunks * chunk * cfg.data.seq_len)
+
+
+def _stack_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
+    return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in local.items()}
+
+
+def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray]]:
+    """The train stream for this process and the val arrays."""
+    d = cfg.data
+    if d.source == "sotu":
+        from jaxrun import demo_corpus
+
+        train_files, val_files = demo_corpus.prepare(d.cache_dir)
+    else:
+        train_files, val_files = data_lib.find_shards(d.train_files), data_lib.find_shards(d.val_files)
+    stream = data_lib.TokenStream(
+        train_files,
+        batch_seqs=d.batch_seqs,
+        seq_len=d.seq_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    chunk = d.val_batch_seqs * mesh.size
+    val_inputs, val_targets = data_lib.val_batches(val_files, num_tokens=d.val_tokens, seq_len=d.seq_len)
+    if len(val_inputs) < chunk:
+        raise ConfigError(
+            f"data.val_tokens={d.val_tokens} gives {len(val_inputs)} sequences, fewer than one eval chunk "
+            f"of data.val_batch_seqs={d.val_batch_seqs} × {mesh.size} devices"
+        )
+    return stream, {"inputs": val_inputs, "targets": val_targets}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train `cfg` end to end; returns the final metrics. Logs go to cfg.train.out_dir."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    accum = grad_accum_steps(cfg, mesh.size)
+    log = RunLog(cfg)
+    log.header(mesh)
+    stream, val = _load_data(cfg, mesh)
+    train_step, eval_step = make_train_step(cfg, mesh), make_eval_step(cfg)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def next_batch():
+        return sharding.global_batch(_stack_micro(next(stream), accum), batch_sharding)
+
+    key = jax.random.key(cfg.train.seed)
+    state = init_state(cfg, key, mesh)
+    log.info(f"params: {model.count_params(state.params):,}  grad accumulation: {accum}  devices: {mesh.size}")
+
+    data_state = stream.get_state()
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, next_batch()).compile()
+    compile_s = time.perf_counter() - t0
+    state, _ = compiled(state, next_batch())  # warm-up step, then start again from scratch
+    jax.block_until_ready(state)
+    stream.set_state(data_state)
+    state = init_state(cfg, key, mesh)
+    log.info(f"compile: {compile_s:.1f}s (excluded from train_time)")
+
+    steps, train_ms, val_loss = cfg.train.steps, 0.0, float("nan")
+    pending = None
+    progress = log.progress(steps)
+    t0 = time.perf_counter()
+    for step in range(steps + 1):
+        last = step == steps
+        if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
+            jax.block_until_ready(state)
+            if pending is not None:
+                log.train_metrics(*pending)
+                pending = None
+            train_ms += 1000 * (time.perf_counter() - t0)
+            step_avg = train_ms / max(step, 1)
+            val_loss = evaluate(eval_step, state.params, val, cfg, mesh)
+            log.val(step, val_loss, train_ms, step_avg if step else float("nan"))
+            t0 = time.perf_counter()
+        if last:
+            break
+        state, metrics = compiled(state, next_batch())
+        if pending is not None:  # read step n-1's metrics while step n runs
+            log.train_metrics(*pending)
+        pending = (step + 1, metrics)
+        progress.update(step + 1)
+    progress.close()
+    result = {
+        "val_loss": val_loss,
+        "train_time_ms": train_ms,
+        "step_avg_ms": train_ms / steps,
+        "compile_s": compile_s,
+        "tokens_per_s": cfg.data.tokens_per_step * steps / (train_ms / 1000),
+    }
+    log.finish(result)
+    if cfg.train.sample_tokens:
+        from jaxrun import sample
+
+        text = sample.generate_text(state.params, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
+        log.info("sample:\n" + text)
+    return {**result, "state": state, "run_dir": str(log.run_dir)}

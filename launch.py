@@ -1,0 +1,96 @@
+"""jaxrun's command line.
+
+  python launch.py                                   # the embedded demo (CPU is fine)
+  python launch.py --config configs/simple.py        # a recipe, by path or by name
+  python launch.py --config simple --set optim.muon_lr=0.03 --set train.steps=200
+  python launch.py --config simple --print-config    # show the resolved config and exit
+  python launch.py data prepare --input DIR --out DIR  # text -> shards (see `data --help`)
+  python launch.py data fineweb --train-shards 8 --dir data/fineweb10B
+
+Loads a config module, applies dotted overrides, sets up the compilation
+cache, and calls `jaxrun.train.run(cfg)`. All logic lives in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def load_config(spec: str):
+    """A Config from `configs/<name>.py`, or from any file defining get_config()."""
+    path = Path(spec)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{spec}.py"
+    if not path.exists():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise SystemExit(f"error: no config {spec!r}; choose one of {names} or give a path to a .py file")
+    module_spec = importlib.util.spec_from_file_location(f"jaxrun_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise SystemExit(f"error: {path} defines no get_config()")
+    return module.get_config()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Train a GPT with jaxrun. Subcommands: `data` (get or make shards).",
+    )
+    parser.add_argument("--config", default="demo", help="config name in configs/ or a path (default: demo)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. --set optim.muon_lr=0.03 (repeatable)",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--compile-cache",
+        default=os.environ.get("JAXRUN_COMPILE_CACHE", "~/.cache/jaxrun/xla"),
+        help="persistent XLA compilation cache dir ('' to disable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["data"]:
+        from jaxrun import prepare
+
+        return prepare.main(argv[1:])
+    args = parse_args(argv)
+    from jaxrun.config import ConfigError, apply_overrides
+
+    try:
+        cfg = apply_overrides(load_config(args.config), args.set)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+
+    import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from jaxrun import train
+    from jaxrun.data import ShardError
+
+    try:
+        train.run(cfg)
+    except (ConfigError, ShardError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

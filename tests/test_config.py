@@ -1,0 +1,93 @@
+"""The config tree: defaults, overrides, validation errors, and the recipe files."""
+
+import dataclasses
+
+import pytest
+
+import launch
+from jaxrun.config import Config, ConfigError, ModelConfig, OptimConfig, apply_overrides
+
+
+@pytest.fixture
+def cfg():
+    return Config(name="t")
+
+
+def test_frozen_and_hashable(cfg):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.num_layers = 3
+    assert hash(cfg) == hash(Config(name="t"))
+
+
+def test_overrides_parse_each_field_type(cfg):
+    out = apply_overrides(
+        cfg,
+        [
+            "optim.muon_lr=0.05",
+            "model.num_layers=4",
+            "model.qk_norm=false",
+            "model.attention_scale=none",
+            "model.norm=layernorm",
+            "train.steps=1_000",
+            "data.train_files=/tmp/x_*.bin",
+        ],
+    )
+    assert out.optim.muon_lr == 0.05 and out.model.num_layers == 4 and out.model.qk_norm is False
+    assert out.model.attention_scale is None and out.model.norm == "layernorm"
+    assert out.train.steps == 1000 and out.data.train_files == "/tmp/x_*.bin"
+    assert cfg.optim.muon_lr == 0.025  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.muon_lrr=0.05", "no field 'muon_lrr'"),
+        ("optimizer.muon_lr=0.05", "no field 'optimizer'"),
+        ("model.num_layers=four", "model.num_layers"),
+        ("model.norm=batchnorm", "model.norm"),
+        ("model=3", "is a section"),
+        ("model.num_layers", "expected section.field=value"),
+        ("model.model_dim=700", "model.model_dim=700 is not a multiple of model.head_dim=128"),
+        ("optim.adam_b1=1.5", "optim.adam_b1=1.5"),
+        ("train.steps=0", "train.steps=0"),
+    ],
+)
+def test_bad_overrides_name_the_key_or_value(cfg, override, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        apply_overrides(cfg, [override])
+    assert fragment in str(err.value)
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ConfigError, match="rope_fraction"):
+        ModelConfig(rope_fraction=0.3, head_dim=10, model_dim=20)
+    with pytest.raises(ConfigError, match="optim.kind='sgd'"):
+        OptimConfig(kind="sgd")
+
+
+def test_learned_positions_must_cover_seq_len():
+    with pytest.raises(ConfigError, match="exceeds model.max_seq_len"):
+        apply_overrides(launch.load_config("gpt2_llmc"), ["data.seq_len=2048"])
+
+
+@pytest.mark.parametrize("name", ["demo", "simple", "gpt2_llmc"])
+def test_recipe_configs_load(name):
+    cfg = launch.load_config(name)
+    assert cfg.name == name
+    assert cfg == launch.load_config(f"configs/{name}.py")
+
+
+def test_simple_matches_the_recipe():
+    cfg = launch.load_config("simple")
+    m, o = cfg.model, cfg.optim
+    assert (m.num_layers, m.model_dim, m.head_dim, m.num_heads, m.mlp_dim) == (12, 768, 128, 6, 3072)
+    assert (m.rope_base, m.rope_fraction, m.attention_scale, m.softcap, m.softcap_value) == (
+        1024.0, 0.5, 0.12, "isru", 15.0)
+    assert (o.muon_lr, o.muon_weight_decay, o.embed_lr, o.head_lr, o.scalar_lr) == (0.025, 0.05, 0.7, 0.004, 0.015)
+    assert (o.adam_b1, o.adam_b2, o.adam_eps) == (0.8, 0.95, 1e-10)
+    assert cfg.data.tokens_per_step == 524_288 and cfg.train.steps == 3250
+
+
+def test_unknown_config_name_lists_choices():
+    with pytest.raises(SystemExit, match="choose one of"):
+        launch.load_config("nope")

@@ -1,0 +1,111 @@
+"""The functional GPT: shapes, finiteness, causality, and the loss at init."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrun import model
+from jaxrun.config import ModelConfig
+
+TINY = dict(num_layers=2, model_dim=64, head_dim=16, vocab_size=256, max_seq_len=64)
+SIMPLE_STYLE = ModelConfig(**TINY, compute_dtype="float32")
+LLMC_STYLE = ModelConfig(
+    **TINY, positions="learned", norm="layernorm", embed_norm=False, activation="gelu", qk_norm=False,
+    tied_embeddings=True, softcap="none", attention_scale=None, init="gpt2", compute_dtype="float32",
+)
+B, T = 2, 64
+
+
+def tokens(seed=0, vocab=256):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, vocab)
+
+
+@pytest.mark.parametrize("cfg", [SIMPLE_STYLE, LLMC_STYLE], ids=["simple", "llmc"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_shapes_and_finite(cfg, scan):
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, scan_layers=scan, init="gpt2")
+    params = model.init(jax.random.key(0), cfg)
+    logits = model.apply(params, tokens(), cfg)
+    chex.assert_shape(logits, (B, T, cfg.vocab_size))
+    chex.assert_tree_all_finite((params, logits))
+    assert logits.dtype == jnp.float32
+
+
+def test_scan_and_unrolled_layers_agree():
+    import dataclasses
+
+    cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2")
+    params = model.init(jax.random.key(1), cfg)
+    a = model.apply(params, tokens(), cfg)
+    b = model.apply(params, tokens(), dataclasses.replace(cfg, scan_layers=False))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [SIMPLE_STYLE, LLMC_STYLE], ids=["simple", "llmc"])
+def test_causal_through_gradients(cfg):
+    """Token i sits only at position i, so d(hidden at t)/d(embedding row i) = 0 for i > t.
+
+    Hidden states rather than logits: a tied head reads every embedding row.
+    """
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, vocab_size=T, init="gpt2")
+    params = model.init(jax.random.key(2), cfg)
+    seq = jnp.arange(T)[None]
+    for t in (0, 17, T - 1):
+        grads = jax.grad(lambda p: model.hidden_states(p, seq, cfg)[0, t].sum())(params)
+        row_norms = jnp.linalg.norm(grads["embed"]["tokens"], axis=-1)
+        assert float(row_norms[t + 1 :].max(initial=0.0)) == 0.0, f"position {t} sees the future"
+        assert float(row_norms[: t + 1].min()) > 0.0, f"position {t} ignores its past"
+
+
+def test_init_loss_is_log_vocab_for_zero_head():
+    """The speedrun init zeroes the head, so every logit is 0 and the loss is ln(V) exactly."""
+    params = model.init(jax.random.key(3), SIMPLE_STYLE)
+    batch = {"inputs": tokens(3), "targets": tokens(4)}
+    assert float(model.loss(params, batch, SIMPLE_STYLE)) == pytest.approx(math.log(256), abs=1e-5)
+
+
+def test_gpt2_init_loss_is_near_log_vocab():
+    params = model.init(jax.random.key(3), LLMC_STYLE)
+    batch = {"inputs": tokens(3), "targets": tokens(4)}
+    assert float(model.loss(params, batch, LLMC_STYLE)) == pytest.approx(math.log(256), abs=0.05)
+
+
+def test_ignored_targets_carry_no_loss():
+    import dataclasses
+
+    cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2")
+    params = model.init(jax.random.key(5), cfg)
+    targets = tokens(6).at[:, T // 2 :].set(model.IGNORE_INDEX)
+    losses = model.token_losses(params, {"inputs": tokens(5), "targets": targets}, cfg)
+    assert float(jnp.abs(losses[:, T // 2 :]).max()) == 0.0
+    assert float(losses[:, : T // 2].min()) > 0.0
+
+
+def test_document_mask_blocks_attention_across_documents():
+    """With segment ids, logits of document 2 do not depend on document 1's tokens."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2")
+    params = model.init(jax.random.key(7), cfg)
+    seg = jnp.concatenate([jnp.zeros((B, 20), jnp.int32), jnp.ones((B, T - 20), jnp.int32)], axis=1)
+    a, b = tokens(8), tokens(8).at[:, :20].set(3)
+    la, lb = model.apply(params, a, cfg, seg), model.apply(params, b, cfg, seg)
+    np.testing.assert_allclose(la[:, 20:], lb[:, 20:], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(la[:, :20], lb[:, :20])
+
+
+def test_rotary_half_truncated():
+    cfg = ModelConfig(head_dim=128, model_dim=768)
+    cos, sin = model.rotary_tables(cfg, 16)
+    chex.assert_shape((cos, sin), (16, 64))
+    np.testing.assert_array_equal(sin[:, 32:], 0.0)  # the second half of the frequencies are zero
+    np.testing.assert_allclose(cos[1, 0], math.cos(1.0), rtol=1e-6)
+    np.testing.assert_allclose(sin[1, 31], math.sin(1 / 1024), rtol=1e-5)
