@@ -58,8 +58,9 @@ def test_causal_through_gradients(cfg):
     cfg = dataclasses.replace(cfg, vocab_size=T, init="gpt2")
     params = model.init(jax.random.key(2), cfg)
     seq = jnp.arange(T)[None]
+    probe_D = jax.random.normal(jax.random.key(9), (cfg.model_dim,))  # a plain sum is 0 after LayerNorm
     for t in (0, 17, T - 1):
-        grads = jax.grad(lambda p: model.hidden_states(p, seq, cfg)[0, t].sum())(params)
+        grads = jax.grad(lambda p: (model.hidden_states(p, seq, cfg)[0, t] * probe_D).sum())(params)
         row_norms = jnp.linalg.norm(grads["embed"]["tokens"], axis=-1)
         assert float(row_norms[t + 1 :].max(initial=0.0)) == 0.0, f"position {t} sees the future"
         assert float(row_norms[: t + 1].min()) > 0.0, f"position {t} ignores its past"
