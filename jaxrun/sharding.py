@@ -40,3 +40,19 @@ def eval_sharding(mesh: Mesh) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assemble each process's rows into global arrays laid out by `sharding`."""
     return {name: jax.make_array_from_process_local_data(sharding, x) for name, x in local.items()}
+
+
+def data_parallel(mesh: Mesh, local_fn, batch_spec: P | None = None):
+    """Run `local_fn(params, batch) -> outputs` on each device's rows; sum outputs over `dp`.
+
+    Params come in replicated; every output (gradients, loss sums, counts) is
+    `psum`-ed so it leaves replicated. The all-reduce of each gradient is
+    free to overlap the backward pass of earlier layers (XLA schedules it).
+    """
+    axis = mesh.axis_names[0]
+    spec = batch_sharding(mesh).spec if batch_spec is None else batch_spec
+
+    def body(params, batch):
+        return jax.tree.map(lambda x: jax.lax.psum(x, axis), local_fn(params, batch))
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=P())

@@ -54,25 +54,15 @@ def init_state(cfg: Config, key: jax.Array, mesh: jax.sharding.Mesh) -> TrainSta
 def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
     """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
-    `batch` holds int32 `inputs` and `targets` shaped [accum, seqs, T].
+    `batch` holds int32 `inputs` and `targets` shaped [accum, seqs, T], the
+    sequences split over the mesh. Gradients are computed per device inside
+    `shard_map`, summed over micro-batches, then over devices.
     """
     tx = optim.make_optimizer(cfg)
-
-    def summed_loss(params, micro):
-        losses_BT = model.token_losses(params, micro, cfg.model)
-        return losses_BT.sum(), (micro["targets"] >= 0).sum()
+    grads_fn = sharding.data_parallel(mesh, _local_grads(cfg, mesh.axis_names))
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        def accumulate(carry, micro):
-            grads, loss_sum, count = carry
-            (micro_loss, micro_count), micro_grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                state.params, micro
-            )
-            grads = jax.tree.map(jnp.add, grads, micro_grads)
-            return (grads, loss_sum + micro_loss, count + micro_count), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0), batch)
+        grads, loss_sum, count = grads_fn(state.params, batch)
         if cfg.optim.loss_reduction == "mean":
             grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -83,13 +73,36 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_step(cfg: Config):
+def _local_grads(cfg: Config, axes: tuple[str, ...]):
+    """Summed token loss, its gradient and the token count over this device's micro-batches."""
+
+    def summed_loss(params, micro):
+        losses_BT = model.token_losses(params, micro, cfg.model)
+        return losses_BT.sum(), (micro["targets"] >= 0).sum()
+
+    def local_grads(params, batch):
+        def accumulate(carry, micro):
+            grads, loss_sum, count = carry
+            (micro_loss, micro_count), micro_grads = jax.value_and_grad(summed_loss, has_aux=True)(
+                params, micro
+            )
+            return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.int32(0))
+        carry = jax.lax.pcast(zeros, axes, to="varying")  # the sums differ per device until the psum
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, carry, batch)
+        return grads, loss_sum, count
+
+    return local_grads
+
+
+def make_eval_step(cfg: Config, mesh: jax.sharding.Mesh):
     """`eval_step(params, batch) -> summed token loss` over a [seqs, T] batch."""
 
-    def eval_step(params, batch):
+    def local_eval(params, batch):
         return model.token_losses(params, batch, cfg.model).sum()
 
-    return jax.jit(eval_step)
+    return jax.jit(sharding.data_parallel(mesh, local_eval, batch_spec=sharding.eval_sharding(mesh).spec))
 
 
 def evaluate(eval_step, params, val: dict[str, np.ndarray], cfg: Config, mesh) -> float:
@@ -144,7 +157,7 @@ def run(cfg: Config) -> dict[str, Any]:
     log = RunLog(cfg)
     log.header(mesh)
     stream, val = _load_data(cfg, mesh)
-    train_step, eval_step = make_train_step(cfg, mesh), make_eval_step(cfg)
+    train_step, eval_step = make_train_step(cfg, mesh), make_eval_step(cfg, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
     def next_batch():
