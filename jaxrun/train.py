@@ -67,7 +67,7 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
             grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0,))
@@ -81,6 +81,10 @@ def _local_grads(cfg: Config, axes: tuple[str, ...]):
         return losses_BT.sum(), (micro["targets"] >= 0).sum()
 
     def local_grads(params, batch):
+        # Differentiate a per-device copy: gradients of the replicated params would come
+        # back already psum-ed, once per micro-batch. Local sums are reduced once, outside.
+        params = jax.lax.pcast(params, axes, to="varying")
+
         def accumulate(carry, micro):
             grads, loss_sum, count = carry
             (micro_loss, micro_count), micro_grads = jax.value_and_grad(summed_loss, has_aux=True)(
@@ -88,9 +92,10 @@ def _local_grads(cfg: Config, axes: tuple[str, ...]):
             )
             return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.int32(0))
-        carry = jax.lax.pcast(zeros, axes, to="varying")  # the sums differ per device until the psum
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, carry, batch)
+        sums = jax.lax.pcast((jnp.float32(0), jnp.int32(0)), axes, to="varying")  # per device until the psum
+        (grads, loss_sum, count), _ = jax.lax.scan(
+            accumulate, (jax.tree.map(jnp.zeros_like, params), *sums), batch
+        )
         return grads, loss_sum, count
 
     return local_grads
@@ -124,8 +129,8 @@ def _stack_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarr
     return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in local.items()}
 
 
-def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray]]:
-    """The train stream for this process and the val arrays."""
+def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
+    """The train stream for this process, the val arrays, and the unigram baseline loss."""
     d = cfg.data
     if d.source == "sotu":
         from jaxrun import demo_corpus
@@ -147,7 +152,15 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray]]:
             f"data.val_tokens={d.val_tokens} gives {len(val_inputs)} sequences, fewer than one eval chunk "
             f"of data.val_batch_seqs={d.val_batch_seqs} × {mesh.size} devices"
         )
-    return stream, {"inputs": val_inputs, "targets": val_targets}
+    baseline = unigram_loss(data_lib.read_shard(train_files[0]), val_targets, cfg.model.vocab_size)
+    return stream, {"inputs": val_inputs, "targets": val_targets}, baseline
+
+
+def unigram_loss(train_tokens: np.ndarray, val_targets: np.ndarray, vocab_size: int) -> float:
+    """Val loss of the add-one-smoothed unigram model of the train tokens: the bar to clear."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size)[:vocab_size] + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[val_targets.reshape(-1)].mean())
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -156,7 +169,7 @@ def run(cfg: Config) -> dict[str, Any]:
     accum = grad_accum_steps(cfg, mesh.size)
     log = RunLog(cfg)
     log.header(mesh)
-    stream, val = _load_data(cfg, mesh)
+    stream, val, baseline = _load_data(cfg, mesh)
     train_step, eval_step = make_train_step(cfg, mesh), make_eval_step(cfg, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
@@ -166,6 +179,7 @@ def run(cfg: Config) -> dict[str, Any]:
     key = jax.random.key(cfg.train.seed)
     state = init_state(cfg, key, mesh)
     log.info(f"params: {model.count_params(state.params):,}  grad accumulation: {accum}  devices: {mesh.size}")
+    log.info(f"unigram baseline val_loss (first train shard): {baseline:.4f}")
 
     data_state = stream.get_state()
     t0 = time.perf_counter()
@@ -178,31 +192,35 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info(f"compile: {compile_s:.1f}s (excluded from train_time)")
 
     steps, train_ms, val_loss = cfg.train.steps, 0.0, float("nan")
-    pending = None
     progress = log.progress(steps)
+    pending = None  # (step, metrics) dispatched but not yet read
+
+    def read_pending():
+        log.train_metrics(*pending)
+        progress.update(pending[0])
+
     t0 = time.perf_counter()
     for step in range(steps + 1):
         last = step == steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
             jax.block_until_ready(state)
+            train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for eval
             if pending is not None:
-                log.train_metrics(*pending)
+                read_pending()
                 pending = None
-            train_ms += 1000 * (time.perf_counter() - t0)
-            step_avg = train_ms / max(step, 1)
             val_loss = evaluate(eval_step, state.params, val, cfg, mesh)
-            log.val(step, val_loss, train_ms, step_avg if step else float("nan"))
+            log.val(step, val_loss, train_ms, train_ms / step if step else float("nan"))
             t0 = time.perf_counter()
         if last:
             break
         state, metrics = compiled(state, next_batch())
         if pending is not None:  # read step n-1's metrics while step n runs
-            log.train_metrics(*pending)
+            read_pending()
         pending = (step + 1, metrics)
-        progress.update(step + 1)
     progress.close()
     result = {
         "val_loss": val_loss,
+        "unigram_val_loss": baseline,
         "train_time_ms": train_ms,
         "step_avg_ms": train_ms / steps,
         "compile_s": compile_s,
@@ -214,4 +232,5 @@ def run(cfg: Config) -> dict[str, Any]:
 
         text = sample.generate_text(state.params, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
         log.info("sample:\n" + text)
+    log.close()
     return {**result, "state": state, "run_dir": str(log.run_dir)}
