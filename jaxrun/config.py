@@ -119,6 +119,7 @@ class OptimConfig:
     muon_weight_decay_mode: Literal["decoupled", "cautious"] = "decoupled"
     muon_ns: Literal["simple", "quintic", "polar_express"] = "simple"
     muon_scaling: Literal["shape", "normuon"] = "shape"
+    muon_ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # float32 only for exactness checks
     # schedule: linear warmup, constant, then decay to final_lr_frac over the last cooldown_frac
     warmup_steps: int = 0
     cooldown_frac: float = 0.7
@@ -133,6 +134,7 @@ class OptimConfig:
         _check_choice(node, "kind", self.kind, ("adamw", "muon_adam"))
         _check_choice(node, "muon_ns", self.muon_ns, ("simple", "quintic", "polar_express"))
         _check_choice(node, "muon_scaling", self.muon_scaling, ("shape", "normuon"))
+        _check_choice(node, "muon_ns_dtype", self.muon_ns_dtype, ("bfloat16", "float32"))
         _check_choice(
             node, "muon_weight_decay_mode", self.muon_weight_decay_mode, ("decoupled", "cautious")
         )

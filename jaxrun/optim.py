@@ -114,6 +114,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
             momentum=_muon_momentum(o),
             ns=o.muon_ns,
             scaling=o.muon_scaling,
+            ns_dtype=jnp.dtype(o.muon_ns_dtype),
         )
     tx = optax.partition(transforms, param_labels)
     if o.grad_clip_norm is not None:

@@ -122,7 +122,8 @@ class RunLog:
 
     def finish(self, result: dict[str, Any]) -> None:
         self.info(
-            f"done: val_loss {result['val_loss']:.4f} · {result['step_avg_ms']:.1f} ms/step · "
+            f"done: val_loss {result['val_loss']:.4f} (unigram baseline {result['unigram_val_loss']:.4f}) · "
+            f"{result['step_avg_ms']:.1f} ms/step · "
             f"{result['tokens_per_s']:,.0f} tok/s · compile {result['compile_s']:.1f}s"
         )
         if not self.is_main:
@@ -130,8 +131,11 @@ class RunLog:
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
         plot_losses(self.history, self.run_dir / "loss.png", title=self.cfg.name)
         self.info(f"wrote {self.run_dir / 'metrics.jsonl'} and {self.run_dir / 'loss.png'}")
-        self._log.close()
-        self._metrics.close()
+
+    def close(self) -> None:
+        if self.is_main:
+            self._log.close()
+            self._metrics.close()
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:

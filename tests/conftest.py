@@ -18,3 +18,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The `simple` recipe shrunk to D=64, L=2, V=256, T=64, in float32."""
+    from jaxrun.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+    return Config(
+        name="tiny",
+        model=ModelConfig(
+            num_layers=2, model_dim=64, head_dim=16, vocab_size=256, max_seq_len=64, compute_dtype="float32"
+        ),
+        optim=OptimConfig(),
+        data=DataConfig(seq_len=64, batch_seqs=8, val_tokens=64 * 8, val_batch_seqs=1),
+        train=TrainConfig(steps=4, micro_batch_seqs=8, val_every=2, progress=False),
+    )

@@ -1,0 +1,139 @@
+"""The train step and loop: golden loss, accumulation, sharding, and a whole run."""
+
+import dataclasses
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import launch
+from jaxrun import data, sharding, train
+from jaxrun.config import MeshConfig, apply_overrides
+
+# The loss after one update of `tiny_cfg` from seed 0 on `_batch(0)`. If you changed the
+# init, the model or the optimizer on purpose, rerun and paste the new value here.
+GOLDEN_SECOND_STEP_LOSS = 5.4060
+
+
+def _batch(seed, cfg, accum=1):
+    B, T, V = cfg.data.batch_seqs, cfg.data.seq_len, cfg.model.vocab_size
+    tokens = jax.random.randint(jax.random.key(seed), (B, T + 1), 0, V)
+    local = {"inputs": np.asarray(tokens[:, :-1]), "targets": np.asarray(tokens[:, 1:])}
+    return {k: v.reshape(accum, B // accum, T) for k, v in local.items()}
+
+
+def _steps(cfg, batches, num_devices=1):
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(num_devices=num_devices))
+    mesh = sharding.make_mesh(cfg.mesh)
+    state = train.init_state(cfg, jax.random.key(0), mesh)
+    step = train.make_train_step(cfg, mesh)
+    losses = []
+    for b in batches:
+        state, metrics = step(state, sharding.global_batch(b, sharding.batch_sharding(mesh)))
+        losses.append(float(metrics["train_loss"]))
+    return state, losses
+
+
+def test_golden_loss(tiny_cfg):
+    _, losses = _steps(tiny_cfg, [_batch(0, tiny_cfg)] * 2)
+    assert losses[0] == pytest.approx(np.log(256), abs=1e-5)  # zero-init head
+    assert losses[1] == pytest.approx(GOLDEN_SECOND_STEP_LOSS, abs=1e-3), (
+        f"second-step loss {losses[1]:.4f} moved from the golden {GOLDEN_SECOND_STEP_LOSS}; "
+        "update GOLDEN_SECOND_STEP_LOSS if the change was intended"
+    )
+
+
+def test_loss_falls_on_a_repeated_batch(tiny_cfg):
+    _, losses = _steps(tiny_cfg, [_batch(0, tiny_cfg)] * 8)
+    assert losses[-1] < losses[0] - 0.5
+
+
+@pytest.fixture
+def exact_cfg(tiny_cfg):
+    """Newton-Schulz in float32, so equivalent computations agree to float32 rounding."""
+    return apply_overrides(tiny_cfg, ["optim.muon_ns_dtype=float32", "model.init=gpt2"])
+
+
+def _grads(cfg, batch, num_devices):
+    mesh = sharding.make_mesh(MeshConfig(num_devices=num_devices))
+    params = train.init_state(cfg, jax.random.key(0), mesh).params
+    grads_fn = jax.jit(sharding.data_parallel(mesh, train._local_grads(cfg, mesh.axis_names)))
+    return grads_fn(params, sharding.global_batch(batch, sharding.batch_sharding(mesh)))
+
+
+def _hidden(params):
+    """The Muon-owned matrices. Adam leaves are left out of param comparisons: Adam's first
+    steps, lr·g/(|g|+eps), are nearly a sign function, so leaves with near-zero gradients
+    (biases under QK-norm, rare embedding rows) flip on summation-order rounding."""
+    return params["blocks"]["attn"] | params["blocks"]["mlp"]
+
+
+@pytest.mark.parametrize("devices, micro", [(1, 2), (8, 1)], ids=["accumulate4", "devices8"])
+def test_split_batches_match_one_pass(exact_cfg, devices, micro):
+    split = apply_overrides(exact_cfg, [f"train.micro_batch_seqs={micro}"])
+    accum = exact_cfg.data.batch_seqs // (micro * devices)
+    g1, loss1, n1 = _grads(exact_cfg, _batch(0, exact_cfg), 1)
+    g2, loss2, n2 = _grads(split, _batch(0, exact_cfg, accum=accum), devices)
+    assert int(n1) == int(n2)
+    np.testing.assert_allclose(loss1, loss2, rtol=1e-5)
+    chex.assert_trees_all_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+    s1, l1 = _steps(exact_cfg, [_batch(0, exact_cfg), _batch(1, exact_cfg)])
+    s2, l2 = _steps(split, [_batch(0, exact_cfg, accum), _batch(1, exact_cfg, accum)], num_devices=devices)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    chex.assert_trees_all_close(_hidden(s1.params), _hidden(s2.params), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_not_divisible_names_the_fields(tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["train.micro_batch_seqs=3"])
+    with pytest.raises(ValueError, match="data.batch_seqs=8 is not a multiple of train.micro_batch_seqs=3"):
+        train.grad_accum_steps(cfg, 1)
+
+
+def _shards(tmp_path, vocab=256, n=40_000):
+    rng = np.random.default_rng(0)
+    tokens = (np.arange(n) % (vocab - 1) + 1).astype(np.uint16)  # learnable: counting, with 5% noise
+    noise = rng.random(n) < 0.05
+    tokens[noise] = rng.integers(1, vocab, noise.sum())
+    data.write_shard(tmp_path / "train_000.bin", tokens)
+    data.write_shard(tmp_path / "val_000.bin", tokens[:5000])
+    return str(tmp_path / "train_*.bin"), str(tmp_path / "val_*.bin")
+
+
+def test_run_end_to_end(tiny_cfg, tmp_path, capsys):
+    train_files, val_files = _shards(tmp_path)
+    cfg = apply_overrides(
+        tiny_cfg,
+        [f"data.train_files={train_files}", f"data.val_files={val_files}", f"train.out_dir={tmp_path / 'runs'}",
+         "train.steps=6", "train.val_every=3", "train.sample_tokens=5", "train.micro_batch_seqs=1"],
+    )
+    result = train.run(cfg)
+    out = capsys.readouterr().out
+    assert "step:0/6 val_loss:" in out and "step:6/6 val_loss:" in out and "sample:" in out
+    assert "train_time:" in out and "step_avg:" in out
+    assert result["val_loss"] < result["unigram_val_loss"]
+    run_dir = result["run_dir"]
+    records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
+    for name in ("log.txt", "config.json", "result.json", "loss.png"):
+        assert (tmp_path / "runs").exists() and open(f"{run_dir}/{name}", "rb").read(1)
+
+
+def test_launch_reports_bad_override():
+    with pytest.raises(SystemExit, match="no field 'muon_lrr'"):
+        launch.main(["--config", "simple", "--set", "optim.muon_lrr=1"])
+
+
+def test_launch_reports_missing_shards(tmp_path):
+    with pytest.raises(SystemExit, match="no shard"):
+        launch.main(["--config", "simple", "--set", f"data.train_files={tmp_path}/nothing_*.bin",
+                     "--set", f"train.out_dir={tmp_path}", "--compile-cache", ""])
+
+
+def test_print_config(capsys):
+    assert launch.main(["--config", "gpt2_llmc", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["positions"] == "learned"
