@@ -183,6 +183,7 @@ class MeshConfig:
 
     num_devices: int | None = None  # None: every visible device
     axis: str = "dp"
+    shard_optimizer: bool = True  # ZeRO-1: each device updates and stores only the params it owns
 
     def __post_init__(self):
         _check(

@@ -90,7 +90,12 @@ def _muon_momentum(cfg: OptimConfig) -> optax.ScalarOrSchedule:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """The optimizer for `cfg`: one transform per group, partitioned by param path."""
+    """The optimizer for `cfg`: one transform per group, partitioned by param path.
+
+    It works on whole params or on any slice of them (each transform is
+    elementwise, or per matrix for Muon), which the sharded step relies on.
+    Gradient clipping is the train step's job: see `clip_by_norm`.
+    """
     o = cfg.optim
     eta = lr_factor(o, cfg.train.steps)
     group_lr = {"embed": o.embed_lr, "head": o.head_lr, "scalar": o.scalar_lr, "hidden": o.hidden_lr}
@@ -116,7 +121,16 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
             scaling=o.muon_scaling,
             ns_dtype=jnp.dtype(o.muon_ns_dtype),
         )
-    tx = optax.partition(transforms, param_labels)
-    if o.grad_clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-    return tx
+    return optax.partition(transforms, param_labels)
+
+
+def clip_by_norm(grads: Any, norm: jax.Array, max_norm: float | None) -> Any:
+    """Scale gradients down to `max_norm` when their global `norm` exceeds it (llm.c clips at 1).
+
+    The norm comes in precomputed because under a sharded optimizer no device
+    holds every gradient: the train step sums the squares over devices.
+    """
+    if max_norm is None:
+        return grads
+    scale = jnp.where(norm > max_norm, max_norm / norm, 1.0)
+    return jax.tree.map(lambda g: g * scale, grads)

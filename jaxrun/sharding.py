@@ -1,13 +1,30 @@
-"""The device mesh and every PartitionSpec the train step uses.
+"""The device mesh, every PartitionSpec, and the collectives of the train step.
 
-jaxrun is data parallel: one mesh axis, `dp`, over all devices. Batches are
-split along their sequence axis; params are replicated. Current JAX makes mesh
-axes Explicit by default, so arrays are placed with a matching NamedSharding.
+jaxrun is data parallel over one mesh axis, `dp`. Batches are split along
+their sequence axis and params are replicated. The optimizer is sharded
+(ZeRO-1): gradients are reduce-scattered so each device holds the summed
+gradient of only the part of the params it owns, updates that part with its
+own slice of the optimizer state, and all-gathers the new params.
+
+Ownership per leaf (its `Layout`):
+- LAYERS: Muon's stacked matrices [L, in, out] are split along L, so
+  Newton-Schulz always sees whole matrices; L is padded up to a multiple of
+  the device count (the padded matrices are zero and stay zero).
+- FLAT: Adam's leaves are flattened, padded and split into equal slices.
+- REPLICATED: every device updates the whole leaf (the unsharded optimizer,
+  `mesh.shard_optimizer=False`), after an all-reduce of its gradient.
+
+Current JAX makes mesh axes Explicit by default, so arrays are placed with a
+matching NamedSharding before entering `jax.shard_map`.
 """
 
 from __future__ import annotations
 
+import enum
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -56,3 +73,60 @@ def data_parallel(mesh: Mesh, local_fn, batch_spec: P | None = None):
         return jax.tree.map(lambda x: jax.lax.psum(x, axis), local_fn(params, batch))
 
     return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=P())
+
+
+class Layout(enum.Enum):
+    LAYERS = "layers"
+    FLAT = "flat"
+    REPLICATED = "replicated"
+
+
+def _padded(n: int, parts: int) -> int:
+    return math.ceil(n / parts) * parts
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _as_rows(x: jax.Array, layout: Layout, parts: int) -> jax.Array:
+    """The leaf as rows to split: [L_pad, ...] for LAYERS, [size_pad] for FLAT."""
+    if layout is Layout.LAYERS:
+        return _pad_rows(x, _padded(x.shape[0], parts))
+    flat = x.reshape(-1)
+    return _pad_rows(flat, _padded(flat.shape[0], parts))
+
+
+def reduce_grad(g: jax.Array, layout: Layout, axis: str) -> jax.Array:
+    """Sum a gradient over devices, leaving each device only its own part."""
+    if layout is Layout.REPLICATED:
+        return jax.lax.psum(g, axis)
+    parts = jax.lax.axis_size(axis)
+    # async reduce-scatter: XLA overlaps it with the backward pass of earlier layers
+    return jax.lax.psum_scatter(_as_rows(g, layout, parts), axis, scatter_dimension=0, tiled=True)
+
+
+def owned_part(x: jax.Array, layout: Layout, axis: str) -> jax.Array:
+    """This device's part of a replicated leaf: the slice `reduce_grad` hands it."""
+    if layout is Layout.REPLICATED:
+        return x
+    parts = jax.lax.axis_size(axis)
+    rows = _as_rows(x, layout, parts)
+    size = rows.shape[0] // parts
+    return jax.lax.dynamic_slice_in_dim(rows, jax.lax.axis_index(axis) * size, size, axis=0)
+
+
+def gather_param(part: jax.Array, layout: Layout, axis: str, shape: tuple[int, ...]) -> jax.Array:
+    """Rebuild a whole leaf from every device's updated part."""
+    if layout is Layout.REPLICATED:
+        return part
+    # async all-gather: XLA overlaps the gather of early leaves with the updates of later ones
+    rows = jax.lax.all_gather(part, axis, axis=0, tiled=True, to="invarying")
+    if layout is Layout.LAYERS:
+        return rows[: shape[0]]
+    return rows[: math.prod(shape)].reshape(shape)
+
+
+def state_specs(tree, axis: str, sharded: bool):
+    """PartitionSpecs for optimizer state built on owned parts: arrays split on dim 0, scalars replicated."""
+    return jax.tree.map(lambda x: P(axis) if sharded and x.ndim > 0 else P(), tree)

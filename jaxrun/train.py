@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrun import data as data_lib
 from jaxrun import model, optim, sharding
@@ -41,33 +42,88 @@ def grad_accum_steps(cfg: Config, num_devices: int) -> int:
     return cfg.data.batch_seqs // per_pass
 
 
+def layouts(cfg: Config, params: model.Params):
+    """Each leaf's ownership under the sharded optimizer (see `sharding.Layout`)."""
+    if not cfg.mesh.shard_optimizer:
+        return jax.tree.map(lambda _: sharding.Layout.REPLICATED, params)
+    muon = cfg.optim.kind == "muon_adam"
+    return jax.tree.map(
+        lambda label: sharding.Layout.LAYERS if muon and label == "hidden" else sharding.Layout.FLAT,
+        optim.param_labels(params),
+    )
+
+
+def _opt_state_specs(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation):
+    """PartitionSpecs of the optimizer state, built on each device's owned parts."""
+    axis = mesh.axis_names[0]
+    params = jax.eval_shape(lambda key: model.init(key, cfg.model), jax.random.key(0))
+    lay = layouts(cfg, params)
+
+    def local_state(params):
+        return tx.init(jax.tree.map(lambda p, l: sharding.owned_part(p, l, axis), params, lay))
+
+    shapes = jax.eval_shape(
+        jax.shard_map(local_state, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False), params
+    )
+    return sharding.state_specs(shapes, axis, cfg.mesh.shard_optimizer)
+
+
 def init_state(cfg: Config, key: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
-    """Fresh params and optimizer state, replicated over the mesh."""
+    """Fresh params, replicated, and the optimizer state of each device's owned parts."""
+    tx, axis = optim.make_optimizer(cfg), mesh.axis_names[0]
+    specs = _opt_state_specs(cfg, mesh, tx)
 
     def build(key):
         params = model.init(key, cfg.model)
-        return TrainState(jnp.zeros((), jnp.int32), params, optim.make_optimizer(cfg).init(params))
+        lay = layouts(cfg, params)
 
-    return jax.jit(build, out_shardings=sharding.replicated(mesh))(key)
+        def local_state(params):
+            return tx.init(jax.tree.map(lambda p, l: sharding.owned_part(p, l, axis), params, lay))
+
+        opt_state = jax.shard_map(local_state, mesh=mesh, in_specs=P(), out_specs=specs)(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+    out = TrainState(P(), P(), specs)
+    return jax.jit(build, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), out))(key)
 
 
 def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
     """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
     `batch` holds int32 `inputs` and `targets` shaped [accum, seqs, T], the
-    sequences split over the mesh. Gradients are computed per device inside
-    `shard_map`, summed over micro-batches, then over devices.
+    sequences split over the mesh. Inside one `shard_map`, each device sums
+    gradients over its micro-batches, reduce-scatters them so it holds the
+    total for the params it owns, updates those with its optimizer state, and
+    all-gathers the new params.
     """
-    tx = optim.make_optimizer(cfg)
-    grads_fn = sharding.data_parallel(mesh, _local_grads(cfg, mesh.axis_names))
+    tx, axis = optim.make_optimizer(cfg), mesh.axis_names[0]
+    local_grads = _local_grads(cfg, mesh.axis_names)
+    specs = _opt_state_specs(cfg, mesh, tx)
+    sharded = cfg.mesh.shard_optimizer
 
-    def step(state: TrainState, batch: dict[str, jax.Array]):
-        grads, loss_sum, count = grads_fn(state.params, batch)
+    def local_step(params, opt_state, batch):
+        lay = layouts(cfg, params)
+        grads, loss_sum, count = local_grads(params, batch)
+        loss_sum, count = jax.lax.psum((loss_sum, count), axis)
+        grads = jax.tree.map(lambda g, l: sharding.reduce_grad(g, l, axis), grads, lay)
         if cfg.optim.loss_reduction == "mean":
             grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
+        sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
+        norm = jnp.sqrt(jax.lax.psum(sq, axis) if sharded else sq)
+        grads = optim.clip_by_norm(grads, norm, cfg.optim.grad_clip_norm)
+        owned = jax.tree.map(lambda p, l: sharding.owned_part(p, l, axis), params, lay)
+        updates, opt_state = tx.update(grads, opt_state, owned)
+        owned = optax.apply_updates(owned, updates)
+        params = jax.tree.map(lambda p, l, q: sharding.gather_param(p, l, axis, q.shape), owned, lay, params)
+        return params, opt_state, {"train_loss": loss_sum / count, "grad_norm": norm}
+
+    batch_spec = sharding.batch_sharding(mesh).spec
+    sharded_step = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(P(), specs, batch_spec), out_specs=(P(), specs, P())
+    )
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        params, opt_state, metrics = sharded_step(state.params, state.opt_state, batch)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0,))
