@@ -7,8 +7,11 @@
   python launch.py data prepare --input DIR --out DIR  # text -> shards (see `data --help`)
   python launch.py data fineweb --train-shards 8 --dir data/fineweb10B
 
-Loads a config module, applies dotted overrides, sets up the compilation
-cache, and calls `jaxrun.train.run(cfg)`. All logic lives in the library.
+Loads a config module, applies dotted overrides, sets the XLA flags and the
+compilation cache, joins a multi-host run if there is one (SLURM, Open MPI, or
+JAXRUN_COORDINATOR / JAXRUN_NUM_PROCESSES / JAXRUN_PROCESS_ID), and calls
+`jaxrun.train.run(cfg)`. The same command runs on one GPU, one node or many.
+All logic lives in the library.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ def main(argv: list[str]) -> int:
         print(cfg.to_json())
         return 0
 
+    from jaxrun import sharding
+
+    sharding.set_xla_gpu_flags()
+    sharding.initialize_distributed()
     import jax
 
     if args.compile_cache:

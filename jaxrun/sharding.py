@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,42 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrun.config import ConfigError, MeshConfig
+
+
+# XLA GPU flags for overlapping collectives with compute, set in one place. The
+# latency-hiding scheduler orders async reduce-scatters and all-gathers so they
+# run behind independent matmuls; NCCL user buffers and NVLink multicast stay off.
+XLA_GPU_OVERLAP_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_nccl_user_buffers=false",
+)
+
+
+def set_xla_gpu_flags() -> None:
+    """Add the overlap flags to XLA_FLAGS (before jax starts its backend); CPU ignores them."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    names = {f.split("=")[0] for f in flags}
+    flags += [f for f in XLA_GPU_OVERLAP_FLAGS if f.split("=")[0] not in names]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast
+
+
+def initialize_distributed() -> None:
+    """Join the other processes of a multi-host run, if this is one.
+
+    Explicit: JAXRUN_COORDINATOR (host:port), JAXRUN_NUM_PROCESSES and
+    JAXRUN_PROCESS_ID. Otherwise SLURM or Open MPI launches with several tasks
+    are detected by jax. A single process does nothing.
+    """
+    env = os.environ
+    if "JAXRUN_COORDINATOR" in env:
+        jax.distributed.initialize(
+            coordinator_address=env["JAXRUN_COORDINATOR"],
+            num_processes=int(env["JAXRUN_NUM_PROCESSES"]),
+            process_id=int(env["JAXRUN_PROCESS_ID"]),
+        )
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
 
 
 def make_mesh(cfg: MeshConfig) -> Mesh:

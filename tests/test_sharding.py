@@ -87,3 +87,33 @@ def test_device_counts_agree_after_three_steps(cfg, devices):
     s_n, l_n = _steps(apply_overrides(cfg, ["train.micro_batch_seqs=1"]), batches, num_devices=devices)
     np.testing.assert_allclose(l1, l_n, rtol=1e-5)
     chex.assert_trees_all_close(_hidden(s1.params), _hidden(s_n.params), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """2 processes × 4 CPU devices through jax.distributed on localhost = 1 process × 8 devices."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def run(env_extra, devices):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAXRUN_")}
+        env |= {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **env_extra}
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.distributed_worker"], env=env, stdout=subprocess.PIPE, text=True
+        )
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    coord = {"JAXRUN_COORDINATOR": f"127.0.0.1:{port}", "JAXRUN_NUM_PROCESSES": "2"}
+    workers = [run(coord | {"JAXRUN_PROCESS_ID": str(i)}, 4) for i in range(2)]
+    single = run({}, 8)
+    outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in [*workers, single]]
+    assert all(p.returncode == 0 for p in [*workers, single])
+    assert [o["devices"] for o in outs] == [8, 8, 8]
+    for o in outs[:2]:
+        np.testing.assert_allclose(o["losses"], outs[2]["losses"], rtol=1e-5)
+        np.testing.assert_allclose(o["w_up_sum"], outs[2]["w_up_sum"], rtol=1e-5)
