@@ -1,0 +1,370 @@
+"""Times causal attention at jaxrun's shapes: the Pallas kernel, cuDNN and plain XLA, fwd and fwd+bwd.
+
+Cases (q, k, v `[B, T, H, 128]` bf16, scale 0.12):
+  1. B=24, T=2048, H=6, window 768      2. the same, window 1664      3. the same, plain causal
+  4. B=1, T=49,152, H=6, window 768, documents from the offline_english val shard (cut at 2048);
+     cuDNN has no document mask, so its row is window-only.
+
+Each time is the median over `--samples` samples of `--inner` back-to-back calls, after warm-up.
+TFLOP/s counts only visible (query, key) pairs: 4·K flops per pair forward, 14·K forward+backward.
+
+  python benchmarks/attention_bench.py --data .data/val_000000.bin.xz [--sweep] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import lzma
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pallas_kernels import attention as kernels
+from pallas_kernels.attention import BlockSizes, flash_attention
+
+SCALE = 0.12
+BOS = 50256
+DOC_CUT = 2048  # documents are cut at the training context
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    b: int
+    t: int
+    window: int | None
+    docs: bool = False
+    h: int = 6
+    d: int = 128
+
+
+CASES = (
+    Case("1: B24 T2048 w768", 24, 2048, 768),
+    Case("2: B24 T2048 w1664", 24, 2048, 1664),
+    Case("3: B24 T2048 causal", 24, 2048, None),
+    Case("4: B1 T49152 w768 docs", 1, 49152, 768, docs=True),
+)
+
+# Candidate tiles and launch settings for --sweep, timed kernel by kernel.
+SWEEP = {
+    "fwd": [
+        {"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": st}
+        for bq, bk, w, st in [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (64, 64, 4, 3),
+            (256, 64, 8, 3),
+            (256, 32, 8, 3),
+        ]
+    ],
+    "dkdv": [
+        {"block_q_dkv": bq, "block_k_dkv": bk, "num_warps_dkv": w, "num_stages_dkv": st}
+        for bq, bk, w, st in [
+            (64, 64, 4, 2),
+            (64, 64, 4, 3),
+            (32, 64, 4, 3),
+            (32, 64, 4, 4),
+            (64, 128, 8, 2),
+            (64, 128, 8, 3),
+            (32, 128, 8, 3),
+            (128, 64, 8, 2),
+        ]
+    ],
+    "dq": [
+        {"block_q_dq": bq, "block_k_dq": bk, "num_warps_dq": w, "num_stages_dq": st}
+        for bq, bk, w, st in [
+            (64, 64, 4, 2),
+            (64, 64, 4, 3),
+            (128, 64, 8, 2),
+            (128, 64, 8, 3),
+            (64, 32, 4, 3),
+            (128, 32, 8, 3),
+            (128, 128, 8, 2),
+            (64, 128, 4, 2),
+        ]
+    ],
+}
+SWEEP_CASES = (0, 2)  # cases 1 and 3
+
+
+def load_segment_ids(path: Path, t: int) -> np.ndarray:
+    """Document ids of the first t tokens of an llm.c shard; a new id at each BOS and every 2048."""
+    raw = lzma.decompress(path.read_bytes())
+    header = np.frombuffer(raw[:1024], np.int32)
+    tokens = np.frombuffer(raw[1024:], np.uint16, count=min(int(header[2]), t))
+    assert tokens.size == t, f"shard has {tokens.size} tokens, need {t}"
+    pos = np.arange(t)
+    doc_start = np.maximum.accumulate(np.where(tokens == BOS, pos, 0))
+    chunk = (pos - doc_start) // DOC_CUT
+    new = np.concatenate([[True], (doc_start[1:] != doc_start[:-1]) | (chunk[1:] != chunk[:-1])])
+    return np.cumsum(new).astype(np.int32) - 1
+
+
+def visible_pairs(t: int, window: int | None, seg: np.ndarray | None) -> int:
+    """Visible (query, key) pairs of one row and head."""
+    pos = np.arange(t, dtype=np.int64)
+    lo = np.zeros(t, np.int64) if window is None else np.maximum(pos - window, 0)
+    if seg is not None:
+        doc_start = np.maximum.accumulate(np.where(np.r_[True, seg[1:] != seg[:-1]], pos, 0))
+        lo = np.maximum(lo, doc_start)
+    return int((pos - lo + 1).sum())
+
+
+def xla_attention(q, k, v, *, segment_ids, window, scale):
+    """Plain jnp masked softmax: bf16 products with f32 logits and softmax."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    pos = jnp.arange(q.shape[1])
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[:, None] - pos[None, :] <= window
+    mask = mask[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    p = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def cudnn_attention(q, k, v, *, segment_ids, window, scale):
+    assert segment_ids is None, "cuDNN has no document mask here"
+    # is_causal=True always goes with a window: jax issue #39576.
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=True,
+        implementation="cudnn",
+        local_window_size=None if window is None else (window, 0),
+    )
+
+
+def time_fn(fn, args, samples: int, inner: int) -> float:
+    """Median milliseconds per call."""
+    jax.block_until_ready(fn(*args))
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner * 1e3)
+    return statistics.median(times)
+
+
+def measure(attn, q, k, v, do, samples, inner) -> tuple[float, float]:
+    fwd = jax.jit(attn)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
+    return time_fn(fwd, (q, k, v), samples, inner), time_fn(fwd_bwd, (q, k, v, do), samples, inner)
+
+
+def inputs(case: Case, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shape = (case.b, case.t, case.h, case.d)
+    return [jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys]
+
+
+def run_case(case: Case, seg_np, impls, samples, inner, block_sizes) -> list[dict]:
+    q, k, v, do = inputs(case)
+    seg = None if seg_np is None else jnp.asarray(np.broadcast_to(seg_np, (case.b, case.t)))
+    rows = []
+    variants = []
+    for impl in impls:
+        if impl == "pallas":
+            fn = functools.partial(flash_attention, block_sizes=block_sizes)
+            variants.append(("pallas", fn, seg))
+            if seg is not None:
+                variants.append(("pallas (window only)", fn, None))
+        elif impl == "cudnn":
+            variants.append(("cudnn" + (" (window only)" if seg is not None else ""), cudnn_attention, None))
+        elif impl == "xla" and case.t <= 8192:  # [B, H, T, T] f32 logits: 58 GB at T = 49,152
+            variants.append(("xla", xla_attention, seg))
+    results = {}
+    for label, fn, s in variants:
+        attn = functools.partial(fn, segment_ids=s, window=case.window, scale=SCALE)
+        pairs = case.b * case.h * visible_pairs(case.t, case.window, None if s is None else seg_np)
+        try:
+            f_ms, fb_ms = measure(attn, q, k, v, do, samples, inner)
+        except Exception as e:  # noqa: BLE001  (report and go on to the next variant)
+            print(f"{case.name} {label}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+            continue
+        row = {
+            "case": case.name,
+            "impl": label,
+            "fwd_ms": f_ms,
+            "fwd_bwd_ms": fb_ms,
+            "fwd_tflops": 4 * case.d * pairs / f_ms / 1e9,
+            "fwd_bwd_tflops": 14 * case.d * pairs / fb_ms / 1e9,
+        }
+        print(
+            f"{case.name:26s} {label:22s} fwd {f_ms:7.3f} ms {row['fwd_tflops']:6.1f} TF/s | "
+            f"fwd+bwd {fb_ms:7.3f} ms {row['fwd_bwd_tflops']:6.1f} TF/s",
+            flush=True,
+        )
+        rows.append(row)
+        results[label] = jax.jit(functools.partial(out_and_grads, attn))(q, k, v, do)
+    compare(case, results)
+    return rows
+
+
+def out_and_grads(attn, q, k, v, do):
+    o, vjp = jax.vjp(attn, q, k, v)
+    return (o, *vjp(do))
+
+
+def compare(case: Case, results: dict) -> None:
+    """||pallas - other|| / ||other|| for the output and dq, dk, dv, between like-masked variants."""
+    for ours, theirs in (
+        ("pallas", "cudnn"),
+        ("pallas (window only)", "cudnn (window only)"),
+        ("pallas", "xla"),
+    ):
+        if ours in results and theirs in results:
+            errs = [
+                float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel()))
+                / float(jnp.linalg.norm(b.astype(jnp.float32).ravel()))
+                for a, b in zip(results[ours], results[theirs], strict=True)
+            ]
+            names = ("out", "dq", "dk", "dv")
+            print(
+                f"check {case.name:26s} {ours} vs {theirs}: "
+                + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs, strict=True)),
+                flush=True,
+            )
+
+
+@functools.lru_cache(maxsize=2)
+def _residuals(case: Case, seg_bytes: bytes | None):
+    """Inputs, segment ids, and the forward and delta residuals (default tiles) of one case."""
+    q, k, v, do = inputs(case)
+    seg = (
+        None if seg_bytes is None else jnp.asarray(np.frombuffer(seg_bytes, np.int32).reshape(case.b, case.t))
+    )
+    fixed = {"window": case.window, "scale": SCALE, "bs": BlockSizes.get_default(), "interpret": False}
+    o, lse = jax.jit(lambda q, k, v, s: kernels._forward(q, k, v, s, **fixed))(q, k, v, seg)
+    _, delta = jax.jit(lambda *a: kernels._dq_call(*a, **fixed))(q, k, v, o, do, lse, seg)
+    return q, k, v, do, seg, o, lse, delta
+
+
+def kernel_parts(case: Case, seg_np, block_sizes: BlockSizes, names=("fwd", "dq", "dkdv")) -> dict:
+    """The Pallas kernels one by one: name -> (jitted fn, args, flops per visible pair per K)."""
+    seg_bytes = (
+        None if seg_np is None else np.broadcast_to(seg_np, (case.b, case.t)).astype(np.int32).tobytes()
+    )
+    q, k, v, do, seg, o, lse, delta = _residuals(case, seg_bytes)
+    fixed = {"window": case.window, "scale": SCALE, "bs": block_sizes, "interpret": False}
+    parts = {
+        "fwd": (lambda: jax.jit(lambda q, k, v, s: kernels._forward(q, k, v, s, **fixed)), (q, k, v, seg), 4),
+        "dq": (lambda: jax.jit(lambda *a: kernels._dq_call(*a, **fixed)), (q, k, v, o, do, lse, seg), 6),
+        "dkdv": (
+            lambda: jax.jit(lambda *a: kernels._dkdv_call(*a, **fixed)),
+            (q, k, v, do, lse, delta, seg),
+            8,
+        ),
+    }
+    return {n: (parts[n][0](), *parts[n][1:]) for n in names}
+
+
+def breakdown(case: Case, seg_np, block_sizes: BlockSizes, samples: int, inner: int) -> list[dict]:
+    """Times the Pallas forward, dq (with delta) and dk/dv kernels one by one."""
+    pairs = case.b * case.h * visible_pairs(case.t, case.window, seg_np)
+    rows = []
+    for name, (fn, args, flops) in kernel_parts(case, seg_np, block_sizes).items():
+        ms = time_fn(fn, args, samples, inner)
+        tflops = flops * case.d * pairs / ms / 1e9
+        print(f"breakdown {case.name:26s} {name:6s} {ms:7.3f} ms {tflops:6.1f} TF/s", flush=True)
+        rows.append({"case": case.name, "part": name, "ms": ms, "tflops": tflops})
+    return rows
+
+
+def sweep(parts, samples: int, inner: int) -> tuple[BlockSizes, list[dict]]:
+    """For each kernel, the candidate with the least time summed over cases 1 and 3."""
+    best, results = BlockSizes.get_default(), []
+    for part in parts:
+        scored, cands = [], SWEEP[part]
+        for cand in cands:
+            bs = dataclasses.replace(best, **cand)
+            try:
+                ms = [
+                    time_fn(*kernel_parts(CASES[c], None, bs, (part,))[part][:2], samples, inner)
+                    for c in SWEEP_CASES
+                ]
+            except Exception as e:  # noqa: BLE001  (report and go on to the next candidate)
+                print(f"sweep {part} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            print(f"sweep {part} {cand}: " + ", ".join(f"{m:.3f}" for m in ms) + " ms", flush=True)
+            results.append({"part": part, "cand": cand, "ms": ms})
+            scored.append((sum(ms), cand))
+        if scored:
+            best = dataclasses.replace(best, **min(scored, key=lambda s: s[0])[1])
+    print(f"sweep: best {best}", flush=True)
+    return best, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=Path(".data/val_000000.bin.xz"))
+    parser.add_argument("--cases", default="1,2,3,4")
+    parser.add_argument("--impls", default="pallas,cudnn,xla")
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--sweep", action="store_true", help="pick tiles on cases 1 and 3 first")
+    parser.add_argument("--sweep-parts", default="fwd,dkdv,dq", help="kernels to sweep")
+    parser.add_argument("--breakdown", action="store_true", help="time the Pallas kernels one by one")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    print(jax.devices(), jax.__version__, flush=True)
+
+    cases = [CASES[int(c) - 1] for c in args.cases.split(",")]
+    block_sizes, sweep_rows = BlockSizes.get_default(), []
+    if args.sweep:
+        block_sizes, sweep_rows = sweep(args.sweep_parts.split(","), args.samples // 2, args.inner)
+    rows, parts = [], []
+    for case in cases:
+        seg_np = load_segment_ids(args.data, case.t) if case.docs else None
+        if seg_np is not None:
+            print(
+                f"{case.name}: {seg_np[-1] + 1} documents, visible pairs {visible_pairs(case.t, case.window, seg_np)}"
+                f" vs window-only {visible_pairs(case.t, case.window, None)}",
+                flush=True,
+            )
+        if args.breakdown:
+            parts += breakdown(case, seg_np, block_sizes, args.samples, args.inner)
+        rows += run_case(case, seg_np, args.impls.split(","), args.samples, args.inner, block_sizes)
+
+    print(f"\n{'case':26s} {'impl':22s} {'fwd ms':>8s} {'TF/s':>6s} {'f+b ms':>8s} {'TF/s':>6s}")
+    for r in rows:
+        print(
+            f"{r['case']:26s} {r['impl']:22s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:6.1f} "
+            f"{r['fwd_bwd_ms']:8.3f} {r['fwd_bwd_tflops']:6.1f}"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "block_sizes": dataclasses.asdict(block_sizes),
+                    "rows": rows,
+                    "sweep": sweep_rows,
+                    "breakdown": parts,
+                    "device": str(jax.devices()[0]),
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
