@@ -54,6 +54,8 @@ class ModelConfig:
     softcap_value: float = 15.0
     attention_scale: float | None = 0.12  # None means 1/sqrt(head_dim)
     attention_impl: Literal["xla", "cudnn", "pallas"] = "xla"
+    mlp_impl: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
+    loss_impl: Literal["xla", "pallas"] = "xla"  # "pallas": fused head + softcap + CE, no [N, V] logits
     scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them (faster steps on GPU)
     init: Literal["gpt2", "speedrun"] = "speedrun"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
@@ -66,6 +68,16 @@ class ModelConfig:
         _check_choice(node, "softcap", self.softcap, ("none", "tanh", "isru"))
         _check_choice(node, "attention_impl", self.attention_impl, ("xla", "cudnn", "pallas"))
         _check_choice(node, "init", self.init, ("gpt2", "speedrun"))
+        _check_choice(node, "mlp_impl", self.mlp_impl, ("xla", "pallas"))
+        _check_choice(node, "loss_impl", self.loss_impl, ("xla", "pallas"))
+        _check(
+            self.mlp_impl == "xla" or self.activation == "relu2",
+            f"model.mlp_impl='pallas' fuses ReLU², but model.activation={self.activation!r}",
+        )
+        _check(
+            self.loss_impl == "xla" or self.softcap == "isru",
+            f"model.loss_impl='pallas' supports softcap 'isru', not model.softcap={self.softcap!r}",
+        )
         _check_choice(node, "compute_dtype", self.compute_dtype, ("float32", "bfloat16"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             _check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
@@ -204,9 +216,15 @@ class TrainConfig:
     progress: bool = True  # a progress bar on a terminal; plain lines otherwise
     sample_tokens: int = 0  # if > 0, print a generated sample of this many tokens at the end
     sample_prompt: str = "\n"
+    # Asynchronous orbax checkpoints in <run dir>/checkpoints, resumed with `launch.py --resume`.
+    # SIGTERM and SIGINT always save one at the next step boundary.
+    ckpt_every: int = 0  # steps between checkpoints, plus one at the end (0: none)
+    ckpt_keep: int = 3  # the newest this many are kept
 
     def __post_init__(self):
         _check(self.steps > 0, f"train.steps={self.steps} must be positive")
+        _check(self.ckpt_every >= 0, f"train.ckpt_every={self.ckpt_every} must be >= 0 (0: none)")
+        _check(self.ckpt_keep > 0, f"train.ckpt_keep={self.ckpt_keep} must be positive")
         _check(self.micro_batch_seqs > 0, f"train.micro_batch_seqs={self.micro_batch_seqs} must be positive")
         _check(self.val_every >= 0, f"train.val_every={self.val_every} must be >= 0 (0: only at the end)")
         _check(self.sample_tokens >= 0, f"train.sample_tokens={self.sample_tokens} must be >= 0")

@@ -170,7 +170,9 @@ def attention(
     if impl == "pallas":
         from pallas_kernels.attention import flash_attention
 
-        return flash_attention(q_BTHK, k_BTHK, v_BTHK, segment_ids=segment_ids_BT, window=window, scale=scale)
+        return flash_attention(
+            q_BTHK, k_BTHK, v_BTHK, segment_ids=segment_ids_BT, window=window, scale=scale, interpret=_interpret()
+        )
     raise ValueError(f"unknown attention impl {impl!r}")
 
 
@@ -188,6 +190,11 @@ def attention_xla(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=
     s_BHTT = jnp.where(mask, s_BHTT, -jnp.inf)
     p_BHTT = jax.nn.softmax(s_BHTT, axis=-1).astype(v_BTHK.dtype)
     return jnp.einsum("bhts,bshk->bthk", p_BHTT, v_BTHK)
+
+
+def _interpret() -> bool:
+    """Pallas kernels run compiled on a GPU and in the interpreter elsewhere (CPU tests)."""
+    return jax.default_backend() != "gpu"
 
 
 def _linear(x: jax.Array, p: Params, w: str, b: str) -> jax.Array:
@@ -214,7 +221,16 @@ def _block(x_BTD: jax.Array, layer: Params, cfg: ModelConfig, rope, segment_ids_
     x_BTD = x_BTD + _linear(y_BTHK.reshape(B, T, H * K), attn, "w_o", "b_o")
 
     mlp = layer["mlp"]
-    u_BTF = _linear(_norm(x_BTD, layer["mlp_norm"], cfg), mlp, "w_up", "b_up")
+    h_BTD = _norm(x_BTD, layer["mlp_norm"], cfg)
+    if cfg.mlp_impl == "pallas":
+        from pallas_kernels.relu2_mlp import relu2_mlp
+
+        y_ND = relu2_mlp(
+            h_BTD.reshape(B * T, -1), mlp["w_up"], mlp["w_down"], mlp.get("b_up"), mlp.get("b_down"),
+            interpret=_interpret(),
+        )
+        return x_BTD + y_ND.reshape(x_BTD.shape)
+    u_BTF = _linear(h_BTD, mlp, "w_up", "b_up")
     if cfg.activation == "relu2":
         u_BTF = jnp.square(jax.nn.relu(u_BTF))
     else:
@@ -273,8 +289,22 @@ def apply(
 
 def token_losses(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
     """Cross-entropy per token [B, T] in float32; zero where targets < 0."""
-    logits_BTV = apply(params, batch["inputs"], cfg, batch.get("segment_ids"))
     targets_BT = batch["targets"]
+    if cfg.loss_impl == "pallas":
+        from pallas_kernels.softcap_ce import softcap_ce
+
+        h_BTD = hidden_states(params, batch["inputs"], cfg, batch.get("segment_ids"))
+        if cfg.tied_embeddings:
+            w_DV, b_V = params["embed"]["tokens"].T, None
+        else:
+            w_DV, b_V = params["lm_head"]["w"], params["lm_head"].get("b")
+        B, T, D = h_BTD.shape
+        losses_N = softcap_ce(
+            h_BTD.reshape(B * T, D), w_DV, targets_BT.reshape(-1), b_V,
+            cap="isru", cap_value=cfg.softcap_value, interpret=_interpret(),
+        )
+        return losses_N.reshape(B, T)
+    logits_BTV = apply(params, batch["inputs"], cfg, batch.get("segment_ids"))
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, jnp.maximum(targets_BT, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(targets_BT >= 0, logz_BT - target_logit_BT, 0.0)

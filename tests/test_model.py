@@ -110,3 +110,27 @@ def test_rotary_half_truncated():
     np.testing.assert_array_equal(sin[:, 32:], 0.0)  # the second half of the frequencies are zero
     np.testing.assert_allclose(cos[1, 0], math.cos(1.0), rtol=1e-6)
     np.testing.assert_allclose(sin[1, 31], math.sin(1 / 1024), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_pallas_impls_match_xla():
+    """attention, MLP and loss through the Pallas kernels (interpreted on CPU) equal the XLA path."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2")
+    fused = dataclasses.replace(cfg, attention_impl="pallas", mlp_impl="pallas", loss_impl="pallas")
+    params = model.init(jax.random.key(11), cfg)
+    batch = {"inputs": tokens(12), "targets": tokens(13)}
+    loss_xla, grads_xla = jax.value_and_grad(model.loss)(params, batch, cfg)
+    loss_pallas, grads_pallas = jax.value_and_grad(model.loss)(params, batch, fused)
+    np.testing.assert_allclose(loss_pallas, loss_xla, rtol=1e-4)
+    chex.assert_trees_all_close(grads_pallas, grads_xla, rtol=2e-2, atol=2e-4)
+
+
+def test_kernel_switches_are_validated():
+    from jaxrun.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mlp_impl='pallas' fuses ReLU²"):
+        ModelConfig(mlp_impl="pallas", activation="gelu")
+    with pytest.raises(ConfigError, match="loss_impl='pallas' supports softcap 'isru'"):
+        ModelConfig(loss_impl="pallas", softcap="tanh")
