@@ -4,8 +4,10 @@
   python launch.py --config configs/simple.py        # a recipe, by path or by name
   python launch.py --config simple --set optim.muon_lr=0.03 --set train.steps=200
   python launch.py --config simple --print-config    # show the resolved config and exit
+  python launch.py --resume runs/simple-20250101-120000 --set train.steps=4000  # continue a run
   python launch.py data prepare --input DIR --out DIR  # text -> shards (see `data --help`)
   python launch.py data fineweb --train-shards 8 --dir data/fineweb10B
+  python launch.py bench --config simple --compare torch --steps 60  # XLA vs PyTorch (see `bench --help`)
 
 Loads a config module, applies dotted overrides, sets the XLA flags and the
 compilation cache, joins a multi-host run if there is one (SLURM, Open MPI, or
@@ -47,7 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="launch.py",
         description="Train a GPT with jaxrun. Subcommands: `data` (get or make shards).",
     )
-    parser.add_argument("--config", default="demo", help="config name in configs/ or a path (default: demo)")
+    parser.add_argument("--config", help="config name in configs/ or a path (default: demo)")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its newest good checkpoint, with its saved config (change it with --set)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -69,11 +76,18 @@ def main(argv: list[str]) -> int:
         from jaxrun import prepare
 
         return prepare.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from jaxrun import bench
+
+        return bench.main(argv[1:], load_config)
     args = parse_args(argv)
     from jaxrun.config import ConfigError, apply_overrides
 
+    if args.resume and args.config:
+        raise SystemExit("error: --resume takes the config saved in RUN_DIR; change it with --set")
     try:
-        cfg = apply_overrides(load_config(args.config), args.set)
+        base = _saved_config(args.resume) if args.resume else load_config(args.config or "demo")
+        cfg = apply_overrides(base, args.set)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     if args.print_config:
@@ -90,13 +104,23 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxrun import train
+    from jaxrun.checkpoint import CheckpointError, NonFiniteError
     from jaxrun.data import ShardError
 
     try:
-        train.run(cfg)
-    except (ConfigError, ShardError) as e:
+        result = train.run(cfg, resume=args.resume)
+    except (ConfigError, ShardError, CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"error: {e}") from None
-    return 0
+    return 128 + result["signal"] if "signal" in result else 0  # stopped by signal N: exit as a shell does
+
+
+def _saved_config(run_dir: str):
+    from jaxrun.checkpoint import CheckpointError, saved_config
+
+    try:
+        return saved_config(run_dir)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -178,11 +178,31 @@ class DataConfig:
     batch_seqs: int = 512  # sequences per optimizer step, over all devices
     val_tokens: int = 10_485_760  # the speedrun scores the first 10,485,760 val tokens
     val_batch_seqs: int = 64  # sequences per eval forward, per device
+    # "contiguous": fixed windows of the token stream (simple, llm.c). "documents":
+    # every row starts at a BOS, documents cut to max_doc_len, with segment ids so
+    # attention stays inside a document (records #26-#77).
+    mode: Literal["contiguous", "documents"] = "contiguous"
+    max_doc_len: int | None = None
+    # Later stages as (step, batch_seqs, seq_len, max_doc_len), each switching at its step;
+    # every stage's shape is compiled ahead of time.
+    stages: tuple[tuple[int, int, int, int | None], ...] = ()
+    prefetch: int = 2  # batches prepared ahead in a background thread
 
     def __post_init__(self):
         _check_choice("data", "source", self.source, ("shards", "sotu"))
+        _check_choice("data", "mode", self.mode, ("contiguous", "documents"))
         for name in ("seq_len", "batch_seqs", "val_tokens", "val_batch_seqs"):
             _check(getattr(self, name) > 0, f"data.{name}={getattr(self, name)} must be positive")
+        _check(
+            self.max_doc_len is None or self.max_doc_len > 0,
+            f"data.max_doc_len={self.max_doc_len} must be positive or None",
+        )
+        steps = [stage[0] for stage in self.stages]
+        _check(
+            all(len(stage) == 4 and min(stage[:3]) > 0 for stage in self.stages) and steps == sorted(set(steps)),
+            f"data.stages={self.stages} must be (step, batch_seqs, seq_len, max_doc_len) rows with "
+            "positive sizes and increasing steps > 0",
+        )
 
     @property
     def tokens_per_step(self) -> int:

@@ -59,12 +59,16 @@ class _Progress:
 
 
 class RunLog:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None):
+        """Logs into a new `out_dir/<name>-<timestamp>/`, or appends to `run_dir` (a resumed run)."""
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(cfg.train.out_dir).expanduser() / f"{cfg.name}-{stamp}"
+        self.run_dir = Path(run_dir or Path(cfg.train.out_dir) / f"{cfg.name}-{stamp}").expanduser()
         self.history: list[dict[str, Any]] = []
+        earlier = self.run_dir / "metrics.jsonl"
+        if run_dir is not None and earlier.exists():  # a resumed run's plot shows the whole run
+            self.history = [json.loads(line) for line in earlier.read_text().splitlines()]
         self._progress = _Progress(cfg.train.steps, enabled=False)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

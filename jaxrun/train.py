@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrun import data as data_lib
-from jaxrun import model, optim, sharding
+from jaxrun import checkpoint, model, optim, sharding
 from jaxrun.config import Config, ConfigError
 from jaxrun.runlog import RunLog
 
@@ -219,11 +219,24 @@ def unigram_loss(train_tokens: np.ndarray, val_targets: np.ndarray, vocab_size: 
     return float(-log_probs[val_targets.reshape(-1)].mean())
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train `cfg` end to end; returns the final metrics. Logs go to cfg.train.out_dir."""
+def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Train `cfg` end to end; returns the final metrics. Logs go to cfg.train.out_dir.
+
+    `resume` names a run dir to continue, from its newest good checkpoint, logging
+    into it. SIGTERM and SIGINT save a checkpoint at the next step boundary and
+    return early, with `stopped_by` set (see `jaxrun.checkpoint`).
+    """
+    with checkpoint.StopSignals() as stop:
+        return _run(cfg, resume, stop)
+
+
+def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     accum = grad_accum_steps(cfg, mesh.size)
-    log = RunLog(cfg)
+    log = RunLog(cfg, resume)
+    ckpt = checkpoint.Checkpointer(cfg, log.run_dir, log=log.info)
+    if resume:  # refuse a config that changes the state's shapes before compiling anything
+        ckpt.check_compatible(jax.eval_shape(lambda: init_state(cfg, jax.random.key(cfg.train.seed), mesh)))
     log.header(mesh)
     stream, val, baseline = _load_data(cfg, mesh)
     train_step, eval_step = make_train_step(cfg, mesh), make_eval_step(cfg, mesh)
@@ -243,20 +256,28 @@ def run(cfg: Config) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     state, _ = compiled(state, next_batch())  # warm-up step, then start again from scratch
     jax.block_until_ready(state)
+    ckpt.warm_up(state)
     stream.set_state(data_state)
     state = init_state(cfg, key, mesh)
+    start, train_ms = 0, 0.0
+    if resume:
+        state, start, train_ms = ckpt.resume(state, stream)
     log.info(f"compile: {compile_s:.1f}s (excluded from train_time)")
 
-    steps, train_ms, val_loss = cfg.train.steps, 0.0, float("nan")
+    steps, val_loss = cfg.train.steps, float("nan")
     progress = log.progress(steps)
     pending = None  # (step, metrics) dispatched but not yet read
 
     def read_pending():
         log.train_metrics(*pending)
         progress.update(pending[0])
+        if not checkpoint.all_finite(pending[1]):  # stop, naming the leaves that went non-finite
+            stream.set_state(data_state)
+            fresh = init_state(cfg, key, mesh)
+            ckpt.stop_nonfinite(*pending, fresh, stream, compiled, next_batch)
 
     t0 = time.perf_counter()
-    for step in range(steps + 1):
+    for step in range(start, steps + 1):
         last = step == steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
             jax.block_until_ready(state)
@@ -273,7 +294,22 @@ def run(cfg: Config) -> dict[str, Any]:
         if pending is not None:  # read step n-1's metrics while step n runs
             read_pending()
         pending = (step + 1, metrics)
+        clock = train_ms + 1000 * (time.perf_counter() - t0)
+        ckpt.step_done(step + 1, state, stream, clock, force=stop.signal is not None)
+        if stop.signal is not None:
+            break
     progress.close()
+    if pending is not None:  # stopped by a signal before reading the last step's metrics
+        read_pending()
+    ckpt.close()
+    if not last:
+        log.info(
+            f"stopped by {stop.signal.name} after step {step + 1}, with a checkpoint; "
+            f"continue with: python launch.py --resume {log.run_dir}"
+        )
+        log.close()
+        stopped = {"stopped_by": stop.signal.name, "signal": int(stop.signal), "step": step + 1}
+        return {**stopped, "state": state, "run_dir": str(log.run_dir)}
     result = {
         "val_loss": val_loss,
         "unigram_val_loss": baseline,
@@ -281,6 +317,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "step_avg_ms": train_ms / steps,
         "compile_s": compile_s,
         "tokens_per_s": cfg.data.tokens_per_step * steps / (train_ms / 1000),
+        "ckpt_stall_ms": ckpt.stall_ms,
     }
     log.finish(result)
     if cfg.train.sample_tokens:

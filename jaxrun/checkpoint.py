@@ -1,0 +1,574 @@
+"""Checkpoints, exact resume and safe stops: orbax under the train loop.
+
+A checkpoint, `<run dir>/checkpoints/<step>/`, holds all a run needs to
+continue exactly: the `TrainState` (params, optimizer state and step; the
+learning-rate and momentum schedules are functions of the counts in it), the
+train stream's position (through grain's orbax handler), the config, and a
+JSON record of the train time so far, the RNG key and a checksum per array.
+Saving is asynchronous (orbax's `CheckpointManager`). Right after step n is
+dispatched, a jitted copy of the state is taken on the device; it goes to
+orbax once step n+1 has been dispatched, so the device-to-host copy overlaps a
+step and the disk write runs in a background thread.
+
+Faults. Orbax writes into a temporary directory and renames it when complete,
+so a save cut short never looks finished. Such leftovers, and checkpoints that
+fail to read back or whose checksums disagree (orbax restores flipped bits
+without complaint), are reported and moved to `<run dir>/checkpoints-damaged/`,
+and resuming falls back to the one before. A state with non-finite values is
+never saved. A non-finite loss or gradient norm stops the run: the steps since
+the last good checkpoint are replayed to name the leaves that went non-finite.
+SIGTERM and SIGINT save at the next step boundary and stop (`StopSignals`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxrun import model
+from jaxrun.config import Config, ConfigError
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from, or none that reads back whole; the message says where."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or state; the message names the step and leaves."""
+
+
+class Restored(NamedTuple):
+    state: Any
+    step: int
+    train_ms: float
+
+
+def config_from_dict(d: dict[str, Any], cls: type = Config) -> Any:
+    """A config (or one node of it) from its `to_json` form; fields missing from `d` take defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(d) - names):
+        raise ConfigError(f"saved config has fields {cls.__name__} does not know: {unknown}")
+
+    def value(v: Any, hint: Any) -> Any:
+        if dataclasses.is_dataclass(hint):
+            return config_from_dict(v, hint)
+        return tuple(value(x, None) for x in v) if isinstance(v, list) else v  # JSON lists were tuples
+
+    return cls(**{k: value(v, hints[k]) for k, v in d.items()})
+
+
+def config_changes(old: Config | dict, new: Config) -> list[str]:
+    """`section.field: old -> new` for every field that differs."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a = flat(old if isinstance(old, dict) else json.loads(old.to_json()))
+    b = flat(json.loads(new.to_json()))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    """(path, leaf) pairs, paths like `opt_state/inner_states/hidden/inner_state/0/count`."""
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in flat]
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """The array's bits as words, summed with odd position weights mod 2^32: any one changed word shows."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    words = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    for axis, size in enumerate(words.shape):
+        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+    return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree: Any) -> jax.Array:
+    return jnp.stack([_checksum(x) for x in jax.tree.leaves(tree)])
+
+
+@jax.jit
+def _snapshot(state: Any) -> tuple[Any, jax.Array, jax.Array]:
+    """A copy of `state` that outlives its donation to the next step, its checksums, its finite leaves."""
+    leaves = jax.tree.leaves(state)
+    finite = [
+        jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True) for x in leaves
+    ]
+    return jax.tree.map(jnp.copy, state), _checksums(state), jnp.stack(finite)
+
+
+def _nonfinite(tree: Any) -> list[str]:
+    """Paths of the leaves holding a NaN or an infinity."""
+    flags = jax.tree.map(
+        lambda x: ~jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else False, tree
+    )
+    return [path for path, bad in _leaves(flags) if bad]
+
+
+def all_finite(metrics: dict[str, Any]) -> bool:
+    return all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
+
+
+class Position(grain.DatasetIterator):
+    """A data stream position, held still: what a snapshot saves through grain's orbax handler."""
+
+    def __init__(self, state: dict[str, Any]):
+        super().__init__()
+        self._state = state
+
+    def __next__(self):
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return self._state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+
+class _Snapshot(NamedTuple):
+    step: int
+    state: Any
+    checksums: jax.Array
+    finite: jax.Array
+    position: dict[str, Any]
+    train_ms: float
+    blocked_ms: float
+
+
+def _handlers() -> dict[str, Any]:
+    # One writer per array (no replica-parallel slicing): the first save then compiles
+    # no slicing programs, which cost seconds of stall (orbax's default on GPU too).
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, arrays))
+    return {
+        "state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler("config.json"),
+        "meta": ocp.JsonCheckpointHandler("meta.json"),
+    }
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
+
+
+def _verify(tree: Any, checksums: dict[str, int]) -> None:
+    """Raise CheckpointError if a restored leaf's checksum differs from the saved one."""
+    sums = np.asarray(_checksums(tree)).tolist()
+    bad = [p for (p, _), s in zip(_leaves(tree), sums, strict=True) if checksums.get(p) != s]
+    if bad:
+        raise CheckpointError(f"checksum mismatch in {len(bad)} array(s), e.g. {bad[0]}")
+
+
+def _shapes(tree: Any) -> dict[str, str]:
+    """Each leaf's shape and dtype, by path; params first, so messages lead with them."""
+    shapes = {p: f"{tuple(x.shape)} {np.dtype(x.dtype).name}" for p, x in _leaves(tree)}
+    return dict(sorted(shapes.items(), key=lambda item: (not item[0].startswith("params"), item[0])))
+
+
+def _refusal(step_dir: Path, changes: list[str], devices: int, old: dict, new: dict) -> str:
+    """Why this config cannot resume from `step_dir`: its changes, and the arrays whose shapes differ."""
+    differ = [p for p in {**old, **new} if old.get(p) != new.get(p)]  # params first
+    diffs = [f"{p}: {old.get(p, 'absent')} -> {new.get(p, 'absent')}" for p in differ]
+    lines = [
+        f"cannot resume from {step_dir}: this config changes the shapes of the saved train state.",
+        "  config changes: " + ("; ".join(changes) or "none"),
+    ]
+    if devices != jax.device_count():
+        lines.append(
+            f"  devices: {devices} when saved, {jax.device_count()} now (the optimizer state is sharded)"
+        )
+    more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
+    lines.append(f"  state arrays: {'; '.join(diffs[:6])}{more}")
+    return "\n".join(lines)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:160]}"
+
+
+def step_dirs(directory: str | Path) -> list[Path]:
+    """Finished checkpoint step directories under `directory`, oldest first (plain file reads, no jax)."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        return []
+    return sorted(
+        (p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
+
+
+def saved_config(run_dir: str | Path) -> Config:
+    """The config in a run's newest checkpoint whose config reads back; the base of `launch.py --resume`."""
+    directory = Path(run_dir).expanduser() / "checkpoints"
+    for step_dir in reversed(step_dirs(directory)):
+        try:
+            return config_from_dict(json.loads((step_dir / "config" / "config.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    raise CheckpointError(f"no checkpoint to resume from in {directory}")
+
+
+class Checkpointer:
+    """A run's checkpoints in `<run_dir>/checkpoints`: asynchronous saves, resuming from the newest good one.
+
+    Args:
+      cfg: the run's config; `train.ckpt_every` and `train.ckpt_keep` set the cadence.
+      run_dir: the run's directory.
+      log: where messages go (the run log's `info`).
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.directory = Path(run_dir).expanduser().resolve() / "checkpoints"
+        self.stall_ms = 0.0  # time the loop spent blocked in checkpointing, in total
+        self._log = log
+        self._pending: _Snapshot | None = None
+        self._manager: ocp.CheckpointManager | None = None
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        """Orbax's manager, made on first use, after moving aside saves that never finished."""
+        if self._manager is None:
+            if self.directory.exists():
+                for tmp in ocp.path.step.all_temporary_paths(epath.Path(self.directory)):
+                    path = Path(tmp.get())
+                    dest = self._set_aside(path)
+                    self._log(
+                        f"checkpoint {path.name} was never finished (stopped mid-save); moved it to {dest}"
+                    )
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.LatestN(self.cfg.train.ckpt_keep),
+                enable_async_checkpointing=True,
+            )
+            self._manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
+        return self._manager
+
+    def _set_aside(self, path: Path) -> Path:
+        """Move a damaged or unfinished checkpoint out of orbax's sight, keeping it for inspection."""
+        dest = self.directory.with_name("checkpoints-damaged") / path.name
+        if jax.process_index() == 0:
+            n = 0
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{path.name}.{n}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, dest)
+        return dest
+
+    def warm_up(self, state: Any) -> None:
+        """Compile the snapshot and open the manager before the clock starts, if this run checkpoints."""
+        if self.cfg.train.ckpt_every:
+            jax.block_until_ready(_snapshot(state))
+            _ = self.manager
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.train.ckpt_every
+        return every > 0 and (step % every == 0 or step == self.cfg.train.steps)
+
+    def step_done(self, step: int, state: Any, stream: Any, train_ms: float, force: bool = False) -> None:
+        """Call right after dispatching `step`, once its predecessor's metrics were read.
+
+        Saves the snapshot taken at the previous call, if any (its step has finished or
+        is about to), then snapshots `state` if a checkpoint is due (or `force`d). Without
+        a checkpoint due this costs nothing: no host sync.
+        """
+        self.flush()
+        if force or self.due(step):
+            t0 = time.perf_counter()
+            state_copy, sums, finite = _snapshot(state)
+            blocked = 1000 * (time.perf_counter() - t0)
+            position = copy.deepcopy(stream.get_state())
+            self._pending = _Snapshot(step, state_copy, sums, finite, position, train_ms, blocked)
+
+    def flush(self) -> None:
+        """Hand the pending snapshot to orbax; returns once it is on the host, before it is on disk."""
+        snap, self._pending = self._pending, None
+        if snap is None:
+            return
+        t0 = time.perf_counter()
+        finite = np.asarray(snap.finite)
+        paths = [p for p, _ in _leaves(snap.state)]
+        if not finite.all():
+            bad = [p for p, ok in zip(paths, finite, strict=True) if not ok]
+            self.wait()
+            last = self.manager.latest_step()
+            self._fail(
+                f"non-finite values in the state after step {snap.step}, in {', '.join(bad)}; not saved. "
+                + (
+                    f"The last good checkpoint is {self.directory / str(last)}."
+                    if last
+                    else "There is no checkpoint."
+                )
+            )
+        meta = {
+            "step": snap.step,
+            "train_ms": snap.train_ms,
+            "rng": np.asarray(jax.random.key_data(jax.random.key(self.cfg.train.seed))).tolist(),
+            "devices": jax.device_count(),
+            "checksums": dict(zip(paths, np.asarray(snap.checksums).tolist(), strict=True)),
+        }
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeSave(snap.state),
+            data=grain.checkpoint.CheckpointSave(Position(snap.position)),
+            config=ocp.args.JsonSave(json.loads(self.cfg.to_json())),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(snap.step, args=args, force=True)
+        blocked = snap.blocked_ms + 1000 * (time.perf_counter() - t0)
+        self.stall_ms += blocked
+        where = self.directory / str(snap.step)
+        self._log(f"checkpoint {snap.step}: saving to {where} (loop blocked {blocked:.0f}ms)")
+
+    def wait(self) -> None:
+        """Block until every save handed to orbax is on disk."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Save any pending snapshot and wait for all writes."""
+        self.flush()
+        self.wait()
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+    def _fail(self, message: str) -> NoReturn:
+        self._log(f"error: {message}")
+        raise NonFiniteError(message)
+
+    def check_compatible(self, abstract_state: Any) -> None:
+        """Refuse (ConfigError) a state whose shapes differ from the newest readable checkpoint's.
+
+        Other config changes are allowed, and listed.
+        """
+        for step in reversed(self.manager.all_steps()):
+            step_dir = self.directory / str(step)
+            try:
+                saved = self.manager.item_metadata(step)["state"].tree
+                old_cfg = json.loads((step_dir / "config" / "config.json").read_text())
+                devices = json.loads((step_dir / "meta" / "meta.json").read_text())["devices"]
+            except Exception:  # noqa: BLE001, S112 (unreadable: restore_latest reports it and falls back)
+                continue
+            changes = config_changes(old_cfg, self.cfg)
+            old, new = _shapes(saved), _shapes(abstract_state)
+            if old != new:
+                raise ConfigError(_refusal(step_dir, changes, devices, old, new))
+            if changes:
+                self._log(f"resuming from step {step} with config changes: {'; '.join(changes)}")
+            return
+        raise CheckpointError(f"no readable checkpoint to resume from in {self.directory}")
+
+    def restore_latest(self, state: Any, stream: Any) -> Restored | None:
+        """The newest checkpoint that reads back whole, restored in `state`'s layout; `stream` moves to it.
+
+        Damaged checkpoints (unreadable, truncated, or failing their checksums) are
+        reported, moved to `checkpoints-damaged/`, and the one before is tried. Returns
+        None, leaving `stream` where it was, if none is left.
+        """
+        position = stream.get_state()
+        for step in reversed(self.manager.all_steps()):
+            try:
+                return self._restore(step, state, stream)
+            # A damaged checkpoint may raise anything: OSError, ValueError, tensorstore's errors.
+            except Exception as e:  # noqa: BLE001
+                dest = self._set_aside(self.directory / str(step))
+                self.manager.reload()
+                self._log(
+                    f"checkpoint {step} is damaged ({_short(e)}); moved it to {dest}, trying the one before"
+                )
+        stream.set_state(position)
+        return None
+
+    def _restore(self, step: int, state: Any, stream: Any) -> Restored:
+        args = ocp.args.Composite(
+            state=_restore_args(_abstract(state)),
+            data=grain.checkpoint.CheckpointRestore(stream),
+            meta=ocp.args.JsonRestore(),
+        )
+        restored = self.manager.restore(step, args=args)
+        _verify(restored.state, restored.meta["checksums"])
+        if int(restored.state.step) != step:
+            raise CheckpointError(f"holds the state of step {int(restored.state.step)}")
+        return Restored(restored.state, step, float(restored.meta["train_ms"]))
+
+    def resume(self, state: Any, stream: Any) -> Restored:
+        """`restore_latest`, or CheckpointError if there is nothing to resume from."""
+        restored = self.restore_latest(state, stream)
+        if restored is None:
+            raise CheckpointError(f"no usable checkpoint to resume from in {self.directory}")
+        if restored.step > self.cfg.train.steps:
+            raise ConfigError(
+                f"the checkpoint is at step {restored.step}, past train.steps={self.cfg.train.steps}"
+            )
+        self._log(f"resumed from {self.directory / str(restored.step)}")
+        return restored
+
+    def stop_nonfinite(
+        self, step: int, metrics: dict, fresh: Any, stream: Any, train_step, next_batch
+    ) -> NoReturn:
+        """Stop the run after step `step`'s non-finite metrics, naming the leaves that went non-finite.
+
+        The steps from the last good checkpoint (or from `fresh`, the initial state, with
+        `stream` at its start) up to `step - 1` are replayed with `train_step`; then the
+        params and optimizer state entering `step`, and the gradients on its batch, are
+        checked leaf by leaf. Checkpoints already written are left as they are.
+        """
+        self._pending = None  # never save the state after a non-finite step
+        self.wait()
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+        restored = self.restore_latest(fresh, stream)
+        state, start = (restored.state, restored.step) if restored else (fresh, 0)
+        self._log(f"step {step}: non-finite {values}; replaying steps {start + 1}..{step - 1} to find where")
+        for _ in range(start, step - 1):
+            state, _ = train_step(state, next_batch())
+        grads = _nonfinite_grads(self.cfg, state.params, next(stream))
+
+        def names(tree: Any, paths: list[str]) -> str:
+            total = len(jax.tree.leaves(tree))
+            if len(paths) in (0, total):
+                return f"all {total}" if paths else "none"
+            return (
+                ", ".join(paths)
+                if len(paths) <= 8
+                else f"{len(paths)} of {total}: {', '.join(paths[:8])}, ..."
+            )
+
+        last = (
+            f"The last good checkpoint is {self.directory / str(start)}"
+            if restored
+            else "There is no checkpoint"
+        )
+        self._fail(
+            f"step {step} went non-finite ({values}). Non-finite leaves entering step {step}: params: "
+            f"{names(state.params, _nonfinite(state.params))}; optimizer state: "
+            f"{names(state.opt_state, _nonfinite(state.opt_state))}; gradients on step {step}'s batch: "
+            f"{names(state.params, grads)}. {last}."
+        )
+
+
+def _nonfinite_grads(cfg: Config, params: model.Params, batch: dict[str, np.ndarray]) -> list[str]:
+    """Param paths whose gradient on `batch` (this process's rows) is non-finite, on one device."""
+    device = jax.local_devices()[0]
+    params = jax.device_put(jax.device_get(params), device)  # via the host: off the mesh, onto one device
+    grad = jax.jit(jax.grad(lambda p, b: model.token_losses(p, b, cfg.model).sum()))
+    rows, bad = cfg.train.micro_batch_seqs, set()
+    for i in range(0, len(batch["inputs"]), rows):
+        micro = {k: jax.device_put(v[i : i + rows], device) for k, v in batch.items()}
+        bad.update(_nonfinite(grad(params, micro)))
+    return sorted(bad)
+
+
+class StopSignals:
+    """While entered, SIGTERM and SIGINT set `signal` instead of stopping the process.
+
+    The loop polls it at each step boundary, saves a checkpoint and stops, as a
+    cluster pre-emption needs. The first signal restores the previous handlers, so a
+    second one acts as usual (SIGINT raises KeyboardInterrupt). Outside the main
+    thread, where handlers cannot be set, nothing is installed.
+    """
+
+    def __init__(self):
+        self.signal: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> typing.Self:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signal = signal.Signals(signum)
+        self._restore()
+        # os.write, not print: the signal may have interrupted a print to the same stream.
+        name = self.signal.name
+        os.write(
+            2, f"{name}: stopping at the next step boundary, with a checkpoint ({name} again: now)\n".encode()
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+def load_checkpoint(path: str | Path) -> tuple[Config, model.Params]:
+    """The config and params of a checkpoint, on the first device, for notebooks.
+
+    Args:
+      path: a run dir or its `checkpoints` dir (the newest checkpoint that reads back
+        whole is used; damaged ones are skipped with a message), or one step's dir.
+
+    Returns:
+      `(cfg, params)`: the run's config and the params, checksums verified.
+
+    Raises:
+      CheckpointError: no checkpoint there reads back whole.
+    """
+    path = Path(path).expanduser()
+    if (path / "state").is_dir():
+        candidates = [path]
+    else:
+        candidates = list(
+            reversed(step_dirs(path / "checkpoints" if (path / "checkpoints").is_dir() else path))
+        )
+    errors = []
+    for step_dir in candidates:
+        try:
+            return _load_params(step_dir)
+        except Exception as e:  # noqa: BLE001 (a damaged checkpoint: say so and try the one before)
+            errors.append(f"{step_dir}: {_short(e)}")
+            if len(candidates) > 1:
+                print(f"skipping damaged checkpoint {step_dir} ({_short(e)})")
+    raise CheckpointError(f"no checkpoint in {path} reads back whole" + "".join(f"\n  {e}" for e in errors))
+
+
+def _load_params(step_dir: Path) -> tuple[Config, model.Params]:
+    cfg = config_from_dict(json.loads((step_dir / "config" / "config.json").read_text()))
+    checksums = json.loads((step_dir / "meta" / "meta.json").read_text())["checksums"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), cfg.model))
+    abstract = {
+        "params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    }
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(step_dir / "state", args=_restore_args(abstract, partial=True))
+    _verify(restored, checksums)
+    return cfg, restored["params"]

@@ -1,0 +1,363 @@
+"""Checkpoints: exact resume in a new process, signals, damaged checkpoints, refusals, NaN stops.
+
+One uninterrupted 6-step run (checkpointing every step) is the reference; the
+other tests copy its run dir and resume from one of its checkpoints. Resumed
+runs use the same 8 host devices, so losses and params must agree bitwise.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrun
+import launch
+from jaxrun import checkpoint, data, sharding, train
+from jaxrun.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Three shards of 1300 tokens; a step takes 8 x 64 + 1, so each shard holds two steps:
+# after step 2 the stream sits at the end of shard 0, after step 3 in the middle of shard 1.
+SHARD_TOKENS, STEPS = 1300, 6
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="bitwise resume is checked on CPU")
+
+
+def _config(shards: Path, out_dir: Path, **train) -> Config:
+    """`tiny_cfg` with one sequence per device, over the shards in `shards`, logging to `out_dir`."""
+    return Config(
+        name="tiny",
+        model=ModelConfig(
+            num_layers=2, model_dim=64, head_dim=16, vocab_size=256, max_seq_len=64, compute_dtype="float32"
+        ),
+        data=DataConfig(
+            seq_len=64,
+            batch_seqs=8,
+            val_tokens=64 * 8,
+            val_batch_seqs=1,
+            train_files=str(shards / "train_*.bin"),
+            val_files=str(shards / "val_*.bin"),
+        ),
+        train=TrainConfig(
+            **{
+                "steps": STEPS,
+                "micro_batch_seqs": 1,
+                "val_every": 3,
+                "progress": False,
+                "out_dir": str(out_dir),
+                "ckpt_every": 1,
+                "ckpt_keep": 10,
+                **train,
+            }
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        tokens = (np.arange(SHARD_TOKENS) * (i + 1) % 255 + 1).astype(np.uint16)
+        noise = rng.random(SHARD_TOKENS) < 0.05
+        tokens[noise] = rng.integers(1, 256, noise.sum())
+        data.write_shard(tmp / f"train_{i:03d}.bin", tokens)
+    data.write_shard(tmp / "val_000.bin", tokens)
+    return tmp
+
+
+def _records(run_dir: Path, skip: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[skip:]]
+
+
+def _losses(records: list[dict], key: str = "train_loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> str:
+    """One persistent XLA cache for the `launch.py` processes: the 6-step ones compile once."""
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _launch(cache: str, *args: str) -> subprocess.Popen:
+    """`launch.py` in a new process (inheriting the 8 host devices from conftest's XLA_FLAGS)."""
+    cmd = [sys.executable, "launch.py", *args, "--compile-cache", cache]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, returncode: int = 0) -> str:
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == returncode, out
+    return out
+
+
+def _config_file(cfg: Config, path: Path) -> str:
+    path.write_text(
+        "import json\nfrom jaxrun.checkpoint import config_from_dict\n\n"
+        f"def get_config():\n    return config_from_dict(json.loads({cfg.to_json()!r}))\n"
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def straight(shards, compile_cache):
+    """6 steps in one process, a checkpoint after each: (run dir, train losses, val losses, params)."""
+    cfg = _config(shards, shards / "straight")
+    _finish(_launch(compile_cache, "--config", _config_file(cfg, shards / "straight.py")))
+    [run_dir] = Path(cfg.train.out_dir).iterdir()
+    records = _records(run_dir)
+    return run_dir, _losses(records), _losses(records, "val_loss"), jaxrun.load_checkpoint(run_dir)[1]
+
+
+def _copy_run(run_dir: Path, dest: Path, keep_through: int) -> Path:
+    """A copy of the run dir with the checkpoints after `keep_through` removed."""
+    copy = dest / run_dir.name
+    shutil.copytree(run_dir, copy)
+    for step_dir in checkpoint.step_dirs(copy / "checkpoints"):
+        if int(step_dir.name) > keep_through:
+            shutil.rmtree(step_dir)
+    return copy
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _checksums(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / str(step) / "meta" / "meta.json").read_text())["checksums"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "resume_at, position",
+    [(2, {"shard": 0, "offset": 1024}), (3, {"shard": 1, "offset": 512})],
+    ids=["at_shard_end", "mid_shard"],
+)
+def test_resume_in_a_new_process_matches_the_straight_run(
+    straight, compile_cache, tmp_path, resume_at, position
+):
+    run_dir, losses, val_losses, params = straight
+    run = _copy_run(run_dir, tmp_path, keep_through=resume_at)
+    saved = json.loads((run / "checkpoints" / str(resume_at) / "data" / "process_0-of-1.json").read_text())
+    assert saved == {"epoch": 0, **position, "step": resume_at}
+    before = len(_records(run))
+
+    out = _finish(_launch(compile_cache, "--resume", str(run)))
+    assert f"resumed from {run / 'checkpoints' / str(resume_at)}" in out
+    assert f"step:{STEPS}/{STEPS} val_loss:" in out
+
+    resumed = _records(run, skip=before)
+    assert _losses(resumed) == {s: losses[s] for s in range(resume_at + 1, STEPS + 1)}  # bitwise
+    assert _losses(resumed, "val_loss") == {s: v for s, v in val_losses.items() if s >= resume_at}
+    cfg, resumed_params = jaxrun.load_checkpoint(run)
+    assert cfg == checkpoint.saved_config(run_dir)
+    _assert_trees_equal(resumed_params, params)
+    assert _checksums(run, STEPS) == _checksums(run_dir, STEPS)  # the whole state: optimizer too
+
+
+def _sigterm_once_training(proc: subprocess.Popen, run_dir: Path, after_step: int) -> str:
+    """SIGTERM `proc` once it has logged a step past `after_step`; its output."""
+    deadline = time.monotonic() + 300
+    while not any(s > after_step for s in _losses(_records(run_dir))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    return _finish(proc, 128 + signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes(shards, compile_cache, tmp_path):
+    cfg = _config(shards, tmp_path / "runs", steps=100_000, val_every=0, ckpt_every=0)
+    proc = _launch(compile_cache, "--config", _config_file(cfg, tmp_path / "long.py"))
+    deadline = time.monotonic() + 300
+    while not (runs := list(Path(cfg.train.out_dir).glob("*/metrics.jsonl"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    run_dir = runs[0].parent
+    out = _sigterm_once_training(proc, run_dir, after_step=0)
+    [saved] = checkpoint.step_dirs(run_dir / "checkpoints")
+    first = int(saved.name)
+    assert f"stopped by SIGTERM after step {first}, with a checkpoint" in out
+    assert max(_losses(_records(run_dir))) == first
+
+    # Resume, and stop it again the same way: it continues from the step after.
+    before = len(_records(run_dir))
+    out = _sigterm_once_training(_launch(compile_cache, "--resume", str(run_dir)), run_dir, after_step=first)
+    assert f"resumed from {saved}" in out
+    assert min(_losses(_records(run_dir, skip=before))) == first + 1
+    second = int(checkpoint.step_dirs(run_dir / "checkpoints")[-1].name)
+    assert second > first and f"stopped by SIGTERM after step {second}" in out
+
+
+def test_signals_set_a_flag_and_a_second_one_acts_as_usual():
+    with checkpoint.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    return max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)), key=os.path.getsize
+    )
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_are_skipped_with_a_message(straight, compile_cache, tmp_path):
+    run_dir, losses, _, params = straight
+    run = _copy_run(run_dir, tmp_path, keep_through=STEPS)
+    ckpts = run / "checkpoints"
+    truncated = _largest_array_file(ckpts / "6")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    flipped = _largest_array_file(ckpts / "5")  # reads back fine; only the checksum can tell
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    flipped.write_bytes(bytes(raw))
+    shutil.copytree(ckpts / "4", ckpts / "7.orbax-checkpoint-tmp")  # a save cut short
+    (ckpts / "7.orbax-checkpoint-tmp" / "commit_success.txt").unlink()
+
+    before = len(_records(run))
+    out = _finish(_launch(compile_cache, "--resume", str(run)))
+    assert "checkpoint 7.orbax-checkpoint-tmp was never finished" in out
+    assert "checkpoint 6 is damaged" in out
+    assert "checkpoint 5 is damaged (CheckpointError: checksum mismatch" in out
+    assert f"resumed from {ckpts / '4'}" in out
+    assert sorted(p.name for p in (run / "checkpoints-damaged").iterdir()) == [
+        "5",
+        "6",
+        "7.orbax-checkpoint-tmp",
+    ]
+    assert _losses(_records(run, skip=before)) == {5: losses[5], 6: losses[6]}
+    _assert_trees_equal(jaxrun.load_checkpoint(run)[1], params)
+
+
+_CRASH_MID_SAVE = """
+import json, os, signal, sys
+import grain, jax.numpy as jnp
+from jaxrun import checkpoint, train
+
+cfg = checkpoint.config_from_dict(json.loads(sys.argv[2]))
+ckpt = checkpoint.Checkpointer(cfg, sys.argv[1])
+state = train.TrainState(jnp.int32(1), {"w": jnp.arange(4096.0)}, ())
+ckpt.step_done(1, state, checkpoint.Position({"at": 1}), 0.0, force=True)
+ckpt.close()
+# Die while writing checkpoint 2: its data item's writer kills the process.
+grain.checkpoint.CheckpointHandler.save = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+ckpt.step_done(2, state._replace(step=jnp.int32(2)), checkpoint.Position({"at": 2}), 0.0, force=True)
+ckpt.flush()
+"""
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(shards, tmp_path):
+    cfg = _config(shards, tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASH_MID_SAVE, str(tmp_path), cfg.to_json()],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp").is_dir()  # orbax never renamed it
+
+    messages = []
+    ckpt = checkpoint.Checkpointer(cfg, tmp_path, log=messages.append)
+    position = checkpoint.Position({})
+    restored = ckpt.restore_latest(train.TrainState(jnp.int32(0), {"w": jnp.zeros(4096)}, ()), position)
+    assert restored.step == 1 and position.get_state() == {"at": 1}
+    np.testing.assert_array_equal(restored.state.params["w"], np.arange(4096.0))
+    assert messages[0].startswith("checkpoint 2.orbax-checkpoint-tmp was never finished")
+
+
+def _saved_init(shards: Path, tmp_path: Path) -> tuple[Path, Config, train.TrainState]:
+    """A run dir holding one checkpoint, of the initial state (no training, so no train-step compile)."""
+    cfg = _config(shards, tmp_path)
+    state = train.init_state(cfg, jax.random.key(1), sharding.make_mesh(cfg.mesh))
+    ckpt = checkpoint.Checkpointer(cfg, tmp_path / "run", log=lambda line: None)
+    ckpt.step_done(0, state, checkpoint.Position({}), 0.0, force=True)
+    ckpt.close()
+    return tmp_path / "run", cfg, state
+
+
+def test_incompatible_config_is_refused(shards, tmp_path):
+    run, _, _ = _saved_init(shards, tmp_path)
+    with pytest.raises(
+        SystemExit, match=r"(?s)model.model_dim: 64 -> 128.*params/blocks/attn/w_k: \(2, 64, 64\)"
+    ):
+        launch.main(["--resume", str(run), "--set", "model.model_dim=128", "--compile-cache", ""])
+    with pytest.raises(SystemExit, match="--resume takes the config saved in RUN_DIR"):
+        launch.main(["--resume", str(run), "--config", "demo"])
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_the_run_naming_the_leaves(shards, tmp_path, monkeypatch):
+    make_train_step = train.make_train_step
+
+    def poisoned(cfg, mesh):
+        """The real step, except that it leaves NaNs in blocks/mlp/w_up after step 5."""
+        step = make_train_step(cfg, mesh)
+
+        def step_then_poison(state, batch):
+            state, metrics = step(state, batch)
+            mlp = state.params["blocks"]["mlp"]
+            w_up = jnp.where(state.step == 5, jnp.nan, mlp["w_up"])
+            params = {**state.params, "blocks": {**state.params["blocks"], "mlp": {**mlp, "w_up": w_up}}}
+            return state._replace(params=params), metrics
+
+        return jax.jit(step_then_poison, donate_argnums=(0,))
+
+    monkeypatch.setattr(train, "make_train_step", poisoned)
+    cfg = _config(shards, tmp_path, steps=8, ckpt_every=2, val_every=0)
+    with pytest.raises(checkpoint.NonFiniteError) as error:
+        train.run(cfg)
+    message = str(error.value)
+    # Step 5's own loss was finite; step 6 is the first to see the NaNs.
+    assert message.startswith("step 6 went non-finite (") and "train_loss=nan" in message
+    assert "entering step 6: params: blocks/mlp/w_up; optimizer state: none; gradients" in message
+    [run_dir] = Path(cfg.train.out_dir).iterdir()
+    assert f"The last good checkpoint is {run_dir / 'checkpoints' / '4'}." in message
+    assert "error: step 6 went non-finite" in (run_dir / "log.txt").read_text()
+    assert [p.name for p in checkpoint.step_dirs(run_dir / "checkpoints")] == ["2", "4"]
+    _, params = jaxrun.load_checkpoint(run_dir)  # intact: checksums verified
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_load_checkpoint_returns_config_and_params(shards, tmp_path):
+    run, cfg, state = _saved_init(shards, tmp_path)
+    for path in (run, run / "checkpoints" / "0"):  # a run dir, or one step's
+        loaded_cfg, params = jaxrun.load_checkpoint(path)
+        assert loaded_cfg == cfg
+        assert jax.tree.structure(params) == jax.tree.structure(state.params)
+        _assert_trees_equal(params, state.params)
+        assert all(x.devices() == {jax.devices()[0]} for x in jax.tree.leaves(params))
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        jaxrun.load_checkpoint(tmp_path / "nothing-here")
+
+
+def test_config_round_trips_and_rejects_unknown_fields(shards):
+    cfg = _config(shards, shards)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=((4, 16, 64, None),)))
+    assert checkpoint.config_from_dict(json.loads(cfg.to_json())) == cfg  # tuples come back as tuples
+    with pytest.raises(ConfigError, match="does not know"):
+        checkpoint.config_from_dict({**json.loads(cfg.to_json()), "extra": 1})
+
+
+def test_importing_jaxrun_loads_nothing_heavy():
+    code = "import sys, jaxrun; assert 'jax' not in sys.modules and 'orbax' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
