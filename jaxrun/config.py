@@ -260,6 +260,10 @@ class Config:
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
+        _check(
+            self.data.mode == "contiguous" or self.model.attention_impl != "cudnn",
+            "data.mode='documents' needs a document mask: model.attention_impl 'xla' or 'pallas', not 'cudnn'",
+        )
         if self.model.positions == "learned":
             _check(
                 self.data.seq_len <= self.model.max_seq_len,

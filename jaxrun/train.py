@@ -31,15 +31,16 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def grad_accum_steps(cfg: Config, num_devices: int) -> int:
+def grad_accum_steps(cfg: Config, num_devices: int, batch_seqs: int | None = None) -> int:
     """Micro-batches per step, so that batch_seqs = accum · micro_batch_seqs · devices."""
+    batch_seqs = cfg.data.batch_seqs if batch_seqs is None else batch_seqs
     per_pass = cfg.train.micro_batch_seqs * num_devices
-    if cfg.data.batch_seqs % per_pass:
+    if batch_seqs % per_pass:
         raise ConfigError(
-            f"data.batch_seqs={cfg.data.batch_seqs} is not a multiple of train.micro_batch_seqs="
+            f"data.batch_seqs={batch_seqs} is not a multiple of train.micro_batch_seqs="
             f"{cfg.train.micro_batch_seqs} × {num_devices} devices"
         )
-    return cfg.data.batch_seqs // per_pass
+    return batch_seqs // per_pass
 
 
 def layouts(cfg: Config, params: model.Params):
@@ -194,13 +195,18 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
         train_files, val_files = demo_corpus.prepare(d.cache_dir)
     else:
         train_files, val_files = data_lib.find_shards(d.train_files), data_lib.find_shards(d.val_files)
-    stream = data_lib.TokenStream(
-        train_files,
+    common = dict(
         batch_seqs=d.batch_seqs,
         seq_len=d.seq_len,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        stages=data_stages(cfg)[1:],
+        prefetch=d.prefetch,
     )
+    if d.mode == "documents":
+        stream = data_lib.DocumentStream(train_files, max_doc_len=d.max_doc_len, **common)
+    else:
+        stream = data_lib.TokenStream(train_files, **common)
     chunk = d.val_batch_seqs * mesh.size
     val_inputs, val_targets = data_lib.val_batches(val_files, num_tokens=d.val_tokens, seq_len=d.seq_len)
     if len(val_inputs) < chunk:
@@ -210,6 +216,32 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
         )
     baseline = unigram_loss(data_lib.read_shard(train_files[0]), val_targets, cfg.model.vocab_size)
     return stream, {"inputs": val_inputs, "targets": val_targets}, baseline
+
+
+def data_stages(cfg: Config) -> list[data_lib.Stage]:
+    """The batch-shape schedule: stage 0 from data.batch_seqs/seq_len/max_doc_len, then data.stages."""
+    d = cfg.data
+    first = data_lib.Stage(step=0, batch_seqs=d.batch_seqs, seq_len=d.seq_len, max_doc_len=d.max_doc_len)
+    later = [data_lib.Stage(step=s, batch_seqs=b, seq_len=t, max_doc_len=m) for s, b, t, m in d.stages]
+    return [first, *later]
+
+
+def _compile_stages(train_step, state: TrainState, cfg: Config, mesh) -> dict[tuple[int, ...], Any]:
+    """Compile the step ahead of time for every batch shape in the schedule, keyed by that shape."""
+    keys = ("inputs", "targets", "segment_ids") if cfg.data.mode == "documents" else ("inputs", "targets")
+    compiled = {}
+    for stage in data_stages(cfg):
+        accum = grad_accum_steps(cfg, mesh.size, stage.batch_seqs)
+        shape = (accum, stage.batch_seqs // accum, stage.seq_len)
+        if shape not in compiled:
+            spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
+            compiled[shape] = train_step.lower(state, dict.fromkeys(keys, spec)).compile()
+    return compiled
+
+
+def tokens_trained(cfg: Config, steps: int) -> int:
+    stages = data_stages(cfg)
+    return sum(data_lib.stage_at(step, stages).tokens for step in range(steps))
 
 
 def unigram_loss(train_tokens: np.ndarray, val_targets: np.ndarray, vocab_size: int) -> float:
@@ -232,7 +264,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
 def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
-    accum = grad_accum_steps(cfg, mesh.size)
+    accums = [grad_accum_steps(cfg, mesh.size, stage.batch_seqs) for stage in data_stages(cfg)]
     log = RunLog(cfg, resume)
     ckpt = checkpoint.Checkpointer(cfg, log.run_dir, log=log.info)
     if resume:  # refuse a config that changes the state's shapes before compiling anything
@@ -243,17 +275,23 @@ def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[
     batch_sharding = sharding.batch_sharding(mesh)
 
     def next_batch():
-        return sharding.global_batch(_stack_micro(next(stream), accum), batch_sharding)
+        local = next(stream)
+        accum = grad_accum_steps(cfg, mesh.size, len(local["inputs"]) * jax.process_count())
+        return sharding.global_batch(_stack_micro(local, accum), batch_sharding)
 
     key = jax.random.key(cfg.train.seed)
     state = init_state(cfg, key, mesh)
-    log.info(f"params: {model.count_params(state.params):,}  grad accumulation: {accum}  devices: {mesh.size}")
+    log.info(f"params: {model.count_params(state.params):,}  grad accumulation: {accums}  devices: {mesh.size}")
     log.info(f"unigram baseline val_loss (first train shard): {baseline:.4f}")
 
     data_state = stream.get_state()
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, next_batch()).compile()
+    by_shape = _compile_stages(train_step, state, cfg, mesh)
     compile_s = time.perf_counter() - t0
+
+    def compiled(state, batch):  # the step compiled for this batch's stage
+        return by_shape[batch["inputs"].shape](state, batch)
+
     state, _ = compiled(state, next_batch())  # warm-up step, then start again from scratch
     jax.block_until_ready(state)
     ckpt.warm_up(state)
@@ -262,7 +300,7 @@ def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[
     start, train_ms = 0, 0.0
     if resume:
         state, start, train_ms = ckpt.resume(state, stream)
-    log.info(f"compile: {compile_s:.1f}s (excluded from train_time)")
+    log.info(f"compile: {compile_s:.1f}s for {len(by_shape)} batch shape(s) (excluded from train_time)")
 
     steps, val_loss = cfg.train.steps, float("nan")
     progress = log.progress(steps)
@@ -316,7 +354,7 @@ def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[
         "train_time_ms": train_ms,
         "step_avg_ms": train_ms / steps,
         "compile_s": compile_s,
-        "tokens_per_s": cfg.data.tokens_per_step * steps / (train_ms / 1000),
+        "tokens_per_s": tokens_trained(cfg, steps) / (train_ms / 1000),
         "ckpt_stall_ms": ckpt.stall_ms,
     }
     log.finish(result)

@@ -137,3 +137,28 @@ def test_launch_reports_missing_shards(tmp_path):
 def test_print_config(capsys):
     assert launch.main(["--config", "gpt2_llmc", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["positions"] == "learned"
+
+
+def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
+    """BOS-aligned rows with segment ids, and a batch-size stage: one compile per shape."""
+    rng = np.random.default_rng(1)
+    docs = [np.concatenate([[data.BOS], rng.integers(1, 256, rng.integers(5, 120))]) for _ in range(600)]
+    data.write_shard(tmp_path / "train_000.bin", np.concatenate(docs).astype(np.uint16))
+    data.write_shard(tmp_path / "val_000.bin", np.concatenate(docs[:40]).astype(np.uint16))
+    cfg = apply_overrides(
+        tiny_cfg,
+        [f"data.train_files={tmp_path}/train_*.bin", f"data.val_files={tmp_path}/val_*.bin",
+         f"train.out_dir={tmp_path / 'runs'}", "model.vocab_size=50304", "data.mode=documents",
+         "data.max_doc_len=48", "train.micro_batch_seqs=1", "train.steps=4", "train.val_every=0"],
+    )
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=((2, 16, 64, 32),)))
+    result = train.run(cfg)
+    out = capsys.readouterr().out
+    assert "for 2 batch shape(s)" in out and "step:4/4 val_loss:" in out
+    assert np.isfinite(result["val_loss"])
+    assert train.tokens_trained(cfg, 4) == 2 * 8 * 64 + 2 * 16 * 64
+
+
+def test_documents_mode_refuses_cudnn(tiny_cfg):
+    with pytest.raises(ValueError, match="needs a document mask"):
+        apply_overrides(tiny_cfg, ["data.mode=documents", "model.attention_impl=cudnn"])
