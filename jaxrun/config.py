@@ -147,9 +147,7 @@ class OptimConfig:
         _check_choice(node, "muon_ns", self.muon_ns, ("simple", "quintic", "polar_express"))
         _check_choice(node, "muon_scaling", self.muon_scaling, ("shape", "normuon"))
         _check_choice(node, "muon_ns_dtype", self.muon_ns_dtype, ("bfloat16", "float32"))
-        _check_choice(
-            node, "muon_weight_decay_mode", self.muon_weight_decay_mode, ("decoupled", "cautious")
-        )
+        _check_choice(node, "muon_weight_decay_mode", self.muon_weight_decay_mode, ("decoupled", "cautious"))
         _check_choice(node, "cooldown_shape", self.cooldown_shape, ("linear", "cosine"))
         _check_choice(node, "loss_reduction", self.loss_reduction, ("sum", "mean"))
         _check(0 <= self.cooldown_frac <= 1, f"optim.cooldown_frac={self.cooldown_frac} not in [0, 1]")
@@ -199,7 +197,8 @@ class DataConfig:
         )
         steps = [stage[0] for stage in self.stages]
         _check(
-            all(len(stage) == 4 and min(stage[:3]) > 0 for stage in self.stages) and steps == sorted(set(steps)),
+            all(len(stage) == 4 and min(stage[:3]) > 0 for stage in self.stages)
+            and steps == sorted(set(steps)),
             f"data.stages={self.stages} must be (step, batch_seqs, seq_len, max_doc_len) rows with "
             "positive sizes and increasing steps > 0",
         )
@@ -324,7 +323,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def _replace_path(node: Any, path: list[str], text: str, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(node)}
     if path[0] not in fields:
-        raise ConfigError(f"--set {key}: {type(node).__name__} has no field {path[0]!r}; fields are {sorted(fields)}")
+        raise ConfigError(
+            f"--set {key}: {type(node).__name__} has no field {path[0]!r}; fields are {sorted(fields)}"
+        )
     field = fields[path[0]]
     child = getattr(node, path[0])
     if len(path) == 1:

@@ -154,7 +154,9 @@ def attention(
     """Causal attention, optionally windowed (query i sees keys [i-window, i])
     and document-masked (a query sees only keys with its own segment id)."""
     if impl == "xla":
-        return attention_xla(q_BTHK, k_BTHK, v_BTHK, scale=scale, segment_ids_BT=segment_ids_BT, window=window)
+        return attention_xla(
+            q_BTHK, k_BTHK, v_BTHK, scale=scale, segment_ids_BT=segment_ids_BT, window=window
+        )
     if impl == "cudnn":
         if segment_ids_BT is not None:
             raise ValueError("attention_impl='cudnn' has no document mask; use 'xla' or 'pallas'")
@@ -171,7 +173,13 @@ def attention(
         from pallas_kernels.attention import flash_attention
 
         return flash_attention(
-            q_BTHK, k_BTHK, v_BTHK, segment_ids=segment_ids_BT, window=window, scale=scale, interpret=_interpret()
+            q_BTHK,
+            k_BTHK,
+            v_BTHK,
+            segment_ids=segment_ids_BT,
+            window=window,
+            scale=scale,
+            interpret=_interpret(),
         )
     raise ValueError(f"unknown attention impl {impl!r}")
 
@@ -226,7 +234,11 @@ def _block(x_BTD: jax.Array, layer: Params, cfg: ModelConfig, rope, segment_ids_
         from pallas_kernels.relu2_mlp import relu2_mlp
 
         y_ND = relu2_mlp(
-            h_BTD.reshape(B * T, -1), mlp["w_up"], mlp["w_down"], mlp.get("b_up"), mlp.get("b_down"),
+            h_BTD.reshape(B * T, -1),
+            mlp["w_up"],
+            mlp["w_down"],
+            mlp.get("b_up"),
+            mlp.get("b_down"),
             interpret=_interpret(),
         )
         return x_BTD + y_ND.reshape(x_BTD.shape)
@@ -300,8 +312,13 @@ def token_losses(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig) 
             w_DV, b_V = params["lm_head"]["w"], params["lm_head"].get("b")
         B, T, D = h_BTD.shape
         losses_N = softcap_ce(
-            h_BTD.reshape(B * T, D), w_DV, targets_BT.reshape(-1), b_V,
-            cap="isru", cap_value=cfg.softcap_value, interpret=_interpret(),
+            h_BTD.reshape(B * T, D),
+            w_DV,
+            targets_BT.reshape(-1),
+            b_V,
+            cap="isru",
+            cap_value=cfg.softcap_value,
+            interpret=_interpret(),
         )
         return losses_N.reshape(B, T)
     logits_BTV = apply(params, batch["inputs"], cfg, batch.get("segment_ids"))

@@ -72,8 +72,8 @@ class RunLog:
         self._progress = _Progress(cfg.train.steps, enabled=False)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.run_dir / "log.txt", "a")
-            self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+            self._log = open(self.run_dir / "log.txt", "a")  # noqa: SIM115  open for the run; closed by close()
+            self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
 
     def _file(self, text: str) -> None:
         if self.is_main:
@@ -92,7 +92,9 @@ class RunLog:
         (self.run_dir / "config.json").write_text(self.cfg.to_json())
         devices = jax.devices()
         self.info(f"jaxrun · config {self.cfg.name} · run dir {self.run_dir}")
-        self.info(f"jax {jax.__version__} · {len(devices)} × {devices[0].device_kind} · mesh {dict(mesh.shape)}")
+        self.info(
+            f"jax {jax.__version__} · {len(devices)} × {devices[0].device_kind} · mesh {dict(mesh.shape)}"
+        )
         self._file(self.cfg.to_json())
         root = Path(__file__).resolve().parent.parent
         for folder in _SOURCE_ROOTS:

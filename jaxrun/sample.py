@@ -13,8 +13,17 @@ from jaxrun.tokenizer import get_tokenizer
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_tokens", "temperature", "top_k"))
-def generate(params, prompt_T: jax.Array, prompt_len: jax.Array, key: jax.Array, *, cfg: Config,
-             num_tokens: int, temperature: float = 0.8, top_k: int = 50) -> jax.Array:
+def generate(
+    params,
+    prompt_T: jax.Array,
+    prompt_len: jax.Array,
+    key: jax.Array,
+    *,
+    cfg: Config,
+    num_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+) -> jax.Array:
     """Sample `num_tokens` tokens after a prompt held in a [seq_len] buffer.
 
     The context is the last seq_len tokens: once the buffer is full it slides.

@@ -27,10 +27,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrun.config import ConfigError, MeshConfig
-
 
 # XLA GPU flags for overlapping collectives with compute, set in one place. The
 # latency-hiding scheduler orders async reduce-scatters and all-gathers so they

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxrun import data as data_lib
 from jaxrun import checkpoint, model, optim, sharding
+from jaxrun import data as data_lib
 from jaxrun.config import Config, ConfigError
 from jaxrun.runlog import RunLog
 
@@ -147,7 +148,11 @@ def _local_grads(cfg: Config, axes: tuple[str, ...]):
             (micro_loss, micro_count), micro_grads = jax.value_and_grad(summed_loss, has_aux=True)(
                 params, micro
             )
-            return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
+            return (
+                jax.tree.map(jnp.add, grads, micro_grads),
+                loss_sum + micro_loss,
+                count + micro_count,
+            ), None
 
         sums = jax.lax.pcast((jnp.float32(0), jnp.int32(0)), axes, to="varying")  # per device until the psum
         (grads, loss_sum, count), _ = jax.lax.scan(
@@ -195,14 +200,14 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
         train_files, val_files = demo_corpus.prepare(d.cache_dir)
     else:
         train_files, val_files = data_lib.find_shards(d.train_files), data_lib.find_shards(d.val_files)
-    common = dict(
-        batch_seqs=d.batch_seqs,
-        seq_len=d.seq_len,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        stages=data_stages(cfg)[1:],
-        prefetch=d.prefetch,
-    )
+    common = {
+        "batch_seqs": d.batch_seqs,
+        "seq_len": d.seq_len,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "stages": data_stages(cfg)[1:],
+        "prefetch": d.prefetch,
+    }
     if d.mode == "documents":
         stream = data_lib.DocumentStream(train_files, max_doc_len=d.max_doc_len, **common)
     else:
@@ -281,7 +286,9 @@ def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[
 
     key = jax.random.key(cfg.train.seed)
     state = init_state(cfg, key, mesh)
-    log.info(f"params: {model.count_params(state.params):,}  grad accumulation: {accums}  devices: {mesh.size}")
+    log.info(
+        f"params: {model.count_params(state.params):,}  grad accumulation: {accums}  devices: {mesh.size}"
+    )
     log.info(f"unigram baseline val_loss (first train shard): {baseline:.4f}")
 
     data_state = stream.get_state()

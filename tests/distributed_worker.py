@@ -9,20 +9,27 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
-from jaxrun import sharding  # noqa: E402
+from jaxrun import sharding
 
 sharding.initialize_distributed()
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from jaxrun import train  # noqa: E402
-from jaxrun.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from jaxrun import train
+from jaxrun.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 cfg = Config(
     name="distributed",
-    model=ModelConfig(num_layers=3, model_dim=64, head_dim=16, vocab_size=256, max_seq_len=32,
-                      compute_dtype="float32", init="gpt2"),
+    model=ModelConfig(
+        num_layers=3,
+        model_dim=64,
+        head_dim=16,
+        vocab_size=256,
+        max_seq_len=32,
+        compute_dtype="float32",
+        init="gpt2",
+    ),
     optim=OptimConfig(muon_ns_dtype="float32"),
     data=DataConfig(seq_len=32, batch_seqs=8),
     train=TrainConfig(micro_batch_seqs=1),

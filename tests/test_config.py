@@ -82,8 +82,19 @@ def test_simple_matches_the_recipe():
     m, o = cfg.model, cfg.optim
     assert (m.num_layers, m.model_dim, m.head_dim, m.num_heads, m.mlp_dim) == (12, 768, 128, 6, 3072)
     assert (m.rope_base, m.rope_fraction, m.attention_scale, m.softcap, m.softcap_value) == (
-        1024.0, 0.5, 0.12, "isru", 15.0)
-    assert (o.muon_lr, o.muon_weight_decay, o.embed_lr, o.head_lr, o.scalar_lr) == (0.025, 0.05, 0.7, 0.004, 0.015)
+        1024.0,
+        0.5,
+        0.12,
+        "isru",
+        15.0,
+    )
+    assert (o.muon_lr, o.muon_weight_decay, o.embed_lr, o.head_lr, o.scalar_lr) == (
+        0.025,
+        0.05,
+        0.7,
+        0.004,
+        0.015,
+    )
     assert (o.adam_b1, o.adam_b2, o.adam_eps) == (0.8, 0.95, 1e-10)
     assert cfg.data.tokens_per_step == 524_288 and cfg.train.steps == 3250
 

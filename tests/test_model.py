@@ -11,11 +11,20 @@ import pytest
 from jaxrun import model
 from jaxrun.config import ModelConfig
 
-TINY = dict(num_layers=2, model_dim=64, head_dim=16, vocab_size=256, max_seq_len=64)
+TINY = {"num_layers": 2, "model_dim": 64, "head_dim": 16, "vocab_size": 256, "max_seq_len": 64}
 SIMPLE_STYLE = ModelConfig(**TINY, compute_dtype="float32")
 LLMC_STYLE = ModelConfig(
-    **TINY, positions="learned", norm="layernorm", embed_norm=False, activation="gelu", qk_norm=False,
-    tied_embeddings=True, softcap="none", attention_scale=None, init="gpt2", compute_dtype="float32",
+    **TINY,
+    positions="learned",
+    norm="layernorm",
+    embed_norm=False,
+    activation="gelu",
+    qk_norm=False,
+    tied_embeddings=True,
+    softcap="none",
+    attention_scale=None,
+    init="gpt2",
+    compute_dtype="float32",
 )
 B, T = 2, 64
 
@@ -60,7 +69,7 @@ def test_causal_through_gradients(cfg):
     seq = jnp.arange(T)[None]
     probe_D = jax.random.normal(jax.random.key(9), (cfg.model_dim,))  # a plain sum is 0 after LayerNorm
     for t in (0, 17, T - 1):
-        grads = jax.grad(lambda p: (model.hidden_states(p, seq, cfg)[0, t] * probe_D).sum())(params)
+        grads = jax.grad(lambda p, t=t: (model.hidden_states(p, seq, cfg)[0, t] * probe_D).sum())(params)
         row_norms = jnp.linalg.norm(grads["embed"]["tokens"], axis=-1)
         assert float(row_norms[t + 1 :].max(initial=0.0)) == 0.0, f"position {t} sees the future"
         assert float(row_norms[: t + 1].min()) > 0.0, f"position {t} ignores its past"

@@ -14,9 +14,7 @@ from .test_train import _batch, _hidden, _steps
 @pytest.fixture
 def cfg(tiny_cfg):
     # 3 layers: not a multiple of 2, 4 or 8, so the layer padding is exercised
-    return apply_overrides(
-        tiny_cfg, ["optim.muon_ns_dtype=float32", "model.init=gpt2", "model.num_layers=3"]
-    )
+    return apply_overrides(tiny_cfg, ["optim.muon_ns_dtype=float32", "model.init=gpt2", "model.num_layers=3"])
 
 
 def _per_device_bytes(tree):
@@ -33,6 +31,7 @@ def test_layer_and_flat_round_trip():
     x = np.arange(3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7)
 
     for layout in (sharding.Layout.LAYERS, sharding.Layout.FLAT):
+
         def roundtrip(x, layout=layout):
             part = sharding.owned_part(x, layout, "dp")
             return sharding.gather_param(part, layout, "dp", x.shape)

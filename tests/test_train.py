@@ -2,10 +2,10 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,8 +107,15 @@ def test_run_end_to_end(tiny_cfg, tmp_path, capsys):
     train_files, val_files = _shards(tmp_path)
     cfg = apply_overrides(
         tiny_cfg,
-        [f"data.train_files={train_files}", f"data.val_files={val_files}", f"train.out_dir={tmp_path / 'runs'}",
-         "train.steps=6", "train.val_every=3", "train.sample_tokens=5", "train.micro_batch_seqs=1"],
+        [
+            f"data.train_files={train_files}",
+            f"data.val_files={val_files}",
+            f"train.out_dir={tmp_path / 'runs'}",
+            "train.steps=6",
+            "train.val_every=3",
+            "train.sample_tokens=5",
+            "train.micro_batch_seqs=1",
+        ],
     )
     result = train.run(cfg)
     out = capsys.readouterr().out
@@ -116,11 +123,11 @@ def test_run_end_to_end(tiny_cfg, tmp_path, capsys):
     assert "train_time:" in out and "step_avg:" in out
     assert result["val_loss"] < result["unigram_val_loss"]
     run_dir = result["run_dir"]
-    records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
     for name in ("log.txt", "config.json", "result.json", "loss.png"):
-        assert (tmp_path / "runs").exists() and open(f"{run_dir}/{name}", "rb").read(1)
+        assert Path(run_dir, name).stat().st_size > 0
 
 
 def test_launch_reports_bad_override():
@@ -130,8 +137,18 @@ def test_launch_reports_bad_override():
 
 def test_launch_reports_missing_shards(tmp_path):
     with pytest.raises(SystemExit, match="no shard"):
-        launch.main(["--config", "simple", "--set", f"data.train_files={tmp_path}/nothing_*.bin",
-                     "--set", f"train.out_dir={tmp_path}", "--compile-cache", ""])
+        launch.main(
+            [
+                "--config",
+                "simple",
+                "--set",
+                f"data.train_files={tmp_path}/nothing_*.bin",
+                "--set",
+                f"train.out_dir={tmp_path}",
+                "--compile-cache",
+                "",
+            ]
+        )
 
 
 def test_print_config(capsys):
@@ -147,9 +164,17 @@ def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
     data.write_shard(tmp_path / "val_000.bin", np.concatenate(docs[:40]).astype(np.uint16))
     cfg = apply_overrides(
         tiny_cfg,
-        [f"data.train_files={tmp_path}/train_*.bin", f"data.val_files={tmp_path}/val_*.bin",
-         f"train.out_dir={tmp_path / 'runs'}", "model.vocab_size=50304", "data.mode=documents",
-         "data.max_doc_len=48", "train.micro_batch_seqs=1", "train.steps=4", "train.val_every=0"],
+        [
+            f"data.train_files={tmp_path}/train_*.bin",
+            f"data.val_files={tmp_path}/val_*.bin",
+            f"train.out_dir={tmp_path / 'runs'}",
+            "model.vocab_size=50304",
+            "data.mode=documents",
+            "data.max_doc_len=48",
+            "train.micro_batch_seqs=1",
+            "train.steps=4",
+            "train.val_every=0",
+        ],
     )
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=((2, 16, 64, 32),)))
     result = train.run(cfg)
