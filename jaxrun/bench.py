@@ -279,25 +279,15 @@ def format_table(rows: list[dict[str, Any]], results: dict[str, dict]) -> str:
 
 def plot(results: dict[str, dict], path: Path, title: str) -> None:
     """Both train-loss curves against steps, val losses as markers."""
-    import matplotlib
+    from jaxrun.runlog import loss_axes, save_loss_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = loss_axes(figsize=(8, 5))
     for (fw, r), style, marker in zip(results.items(), ("-", "--"), ("o", "s"), strict=False):
         # the train loss of step i is measured before its update, on the same params as val at i
         (line,) = ax.plot(r["train_loss"], style, lw=1, label=f"{fw} train")
         steps, losses = zip(*r["val"], strict=True)
         ax.plot(steps, losses, marker, color=line.get_color(), mfc="none", ms=8, label=f"{fw} val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_loss_plot(fig, ax, path, title)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -144,20 +144,20 @@ class RunLog:
             self._metrics.close()
 
 
-def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Train and val loss against step, one PNG."""
+def loss_axes(figsize: tuple[float, float] = (7, 4)):
+    """A fresh (figure, axes) for a loss-vs-step plot, on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r and math.isfinite(r["val_loss"])]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val")
+    return plt.subplots(figsize=figsize)
+
+
+def save_loss_plot(fig, ax, path: Path, title: str) -> None:
+    """Label, title and write a loss-vs-step plot, then free it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
@@ -166,3 +166,15 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train and val loss against step, one PNG."""
+    train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r and math.isfinite(r["val_loss"])]
+    fig, ax = loss_axes()
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    save_loss_plot(fig, ax, path, title)
