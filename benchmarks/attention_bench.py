@@ -8,6 +8,9 @@ Cases (q, k, v `[B, T, H, 128]` bf16, scale 0.12):
 Each time is the median over `--samples` samples of `--inner` back-to-back calls, after warm-up.
 TFLOP/s counts only visible (query, key) pairs: 4·K flops per pair forward, 14·K forward+backward.
 
+Without documents the Pallas forward is the Mosaic GPU kernel; `--impls pallas-triton` adds a
+row with the Triton forward in its place.
+
   python benchmarks/attention_bench.py --data .data/val_000000.bin.xz [--sweep] [--json out.json]
 """
 
@@ -64,6 +67,15 @@ SWEEP = {
             (64, 64, 4, 3),
             (256, 64, 8, 3),
             (256, 32, 8, 3),
+        ]
+    ],
+    "fwd_mgpu": [
+        {"block_k_mgpu": bk, "stages_mgpu": st}
+        for bk, st in [
+            (128, 2),
+            (64, 2),
+            (64, 3),
+            (64, 4),
         ]
     ],
     "dkdv": [
@@ -186,6 +198,11 @@ def run_case(case: Case, seg_np, impls, samples, inner, block_sizes) -> list[dic
             variants.append(("pallas", fn, seg))
             if seg is not None:
                 variants.append(("pallas (window only)", fn, None))
+        elif impl == "pallas-triton":  # the Triton forward where the Mosaic one would run
+            tiles = dataclasses.replace(block_sizes, mosaic_forward=False)
+            variants.append(
+                ("pallas, triton fwd", functools.partial(flash_attention, block_sizes=tiles), None)
+            )
         elif impl == "cudnn":
             variants.append(("cudnn" + (" (window only)" if seg is not None else ""), cudnn_attention, None))
         elif impl == "xla" and case.t <= 8192:  # [B, H, T, T] f32 logits: 58 GB at T = 49,152
@@ -264,8 +281,14 @@ def kernel_parts(case: Case, seg_np, block_sizes: BlockSizes, names=("fwd", "dq"
     )
     q, k, v, do, seg, o, lse, delta = _residuals(case, seg_bytes)
     fixed = {"window": case.window, "scale": SCALE, "bs": block_sizes, "interpret": False}
+    triton = {**fixed, "bs": dataclasses.replace(block_sizes, mosaic_forward=False)}
     parts = {
-        "fwd": (lambda: jax.jit(lambda q, k, v, s: kernels._forward(q, k, v, s, **fixed)), (q, k, v, seg), 4),
+        "fwd_mgpu": (lambda: jax.jit(lambda q, k, v: kernels._forward(q, k, v, None, **fixed)), (q, k, v), 4),
+        "fwd": (
+            lambda: jax.jit(lambda q, k, v, s: kernels._forward(q, k, v, s, **triton)),
+            (q, k, v, seg),
+            4,
+        ),
         "dq": (lambda: jax.jit(lambda *a: kernels._dq_call(*a, **fixed)), (q, k, v, o, do, lse, seg), 6),
         "dkdv": (
             lambda: jax.jit(lambda *a: kernels._dkdv_call(*a, **fixed)),
@@ -277,10 +300,11 @@ def kernel_parts(case: Case, seg_np, block_sizes: BlockSizes, names=("fwd", "dq"
 
 
 def breakdown(case: Case, seg_np, block_sizes: BlockSizes, samples: int, inner: int) -> list[dict]:
-    """Times the Pallas forward, dq (with delta) and dk/dv kernels one by one."""
+    """Times the Pallas kernels one by one: forward (Mosaic and Triton), dq (with delta), dk/dv."""
     pairs = case.b * case.h * visible_pairs(case.t, case.window, seg_np)
     rows = []
-    for name, (fn, args, flops) in kernel_parts(case, seg_np, block_sizes).items():
+    names = ("fwd", "dq", "dkdv") if case.docs else ("fwd_mgpu", "fwd", "dq", "dkdv")
+    for name, (fn, args, flops) in kernel_parts(case, seg_np, block_sizes, names).items():
         ms = time_fn(fn, args, samples, inner)
         tflops = flops * case.d * pairs / ms / 1e9
         print(f"breakdown {case.name:26s} {name:6s} {ms:7.3f} ms {tflops:6.1f} TF/s", flush=True)

@@ -8,7 +8,10 @@ and saves only the log-sum-exp for the backward pass, which recomputes the proba
 kernels (dk/dv over query blocks, dq over key blocks). Block ranges are computed per block from
 the window and the document bounds, so blocks wholly outside either are skipped, and the mask
 is evaluated only on blocks that straddle an edge. The kernels use the portable `pallas_call`
-BlockSpec API (Triton lowering on GPU) and run under `interpret=True` on CPU.
+BlockSpec API (Triton lowering on GPU) and run under `interpret=True` on CPU. Without documents,
+the forward pass of bf16/f16 inputs is the Mosaic GPU kernel in `attention_mgpu.py` (Hopper:
+TMA, wgmma, warp-specialised), which writes the same residuals; `interpret=True` runs it on the
+Mosaic GPU simulator.
 
 References:
   Dao, FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning, 2023.
@@ -25,7 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import attention_mgpu
+from pallas_kernels.shapes import out_struct
 
 _LOG2E = math.log2(math.e)
 # Finite, so a row masked across a whole block gives exp2(0) = 1 there, which the rescale by
@@ -35,7 +42,10 @@ _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSizes:
-    """Tiles (powers of two, at least 16) and Triton launch settings, one group per kernel.
+    """Tiles (powers of two, at least 16) and launch settings, one group per kernel.
+
+    The `mgpu` group is the Mosaic GPU forward's (tiles multiples of 64), used when
+    `mosaic_forward` is set and there are no documents; the other groups are Triton's.
 
     Defaults were picked by `benchmarks/attention_bench.py --sweep` on an H100 (docs/PERF.md).
     """
@@ -52,6 +62,10 @@ class BlockSizes:
     block_k_dq: int = 64
     num_warps_dq: int = 8
     num_stages_dq: int = 3
+    mosaic_forward: bool = True
+    block_q_mgpu: int = 64  # per consumer warpgroup; a CTA takes two
+    block_k_mgpu: int = 128
+    stages_mgpu: int = 2
 
     @classmethod
     def get_default(cls) -> BlockSizes:
@@ -256,7 +270,16 @@ def _range_specs(index_map):
     return [pl.BlockSpec((None, None, None), functools.partial(index_map, c)) for c in range(4)]
 
 
+def _uses_mosaic(q: jax.Array, segment_ids, bs: BlockSizes) -> bool:
+    mosaic_ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0
+    return bs.mosaic_forward and segment_ids is None and mosaic_ok
+
+
 def _forward(q, k, v, segment_ids, window, scale, bs: BlockSizes, interpret: bool):
+    if _uses_mosaic(q, segment_ids, bs):
+        tiles = {"block_q": bs.block_q_mgpu, "block_k": bs.block_k_mgpu, "stages": bs.stages_mgpu}
+        sim = plmgpu.InterpretGPUParams() if interpret else None
+        return attention_mgpu.forward(q, k, v, window=window, scale=scale, interpret=sim, **tiles)
     b, t, h, d = q.shape
     nq = t // bs.block_q
     docs = None if segment_ids is None else _doc_bounds(segment_ids)
@@ -281,7 +304,7 @@ def _forward(q, k, v, segment_ids, window, scale, bs: BlockSizes, interpret: boo
         grid=(nq, b, h),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+        out_shape=[out_struct(q, q.shape, q.dtype), out_struct(q, (b, h, t), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="flash_attention_fwd",
@@ -313,7 +336,7 @@ def _dkdv_call(q, k, v, do, lse, delta, segment_ids, window, scale, bs: BlockSiz
             pl.BlockSpec((None, bk), lambda i, bb, hh: (bb, i)) if seg else None,
         ],
         out_specs=[tile, tile],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[out_struct(k, k.shape, k.dtype), out_struct(v, v.shape, v.dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps_dkv, num_stages=bs.num_stages_dkv),
         interpret=interpret,
         name="flash_attention_dkdv",
@@ -340,7 +363,7 @@ def _dq_call(q, k, v, o, do, lse, segment_ids, window, scale, bs: BlockSizes, in
             full_seg,
         ],
         out_specs=[tile, row],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+        out_shape=[out_struct(q, q.shape, q.dtype), out_struct(q, (b, h, t), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps_dq, num_stages=bs.num_stages_dq),
         interpret=interpret,
         name="flash_attention_dq",
@@ -409,7 +432,10 @@ def flash_attention(
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"segment_ids must be {(b, t)}, got {segment_ids.shape}")
     bs = (block_sizes or BlockSizes.get_default()).fit(t)
-    tp = -(-t // max(bs.blocks)) * max(bs.blocks)
+    multiple = max(bs.blocks)
+    if _uses_mosaic(q, segment_ids, bs):
+        multiple = max(multiple, 2 * bs.block_q_mgpu, bs.block_k_mgpu)
+    tp = -(-t // multiple) * multiple
     if tp != t:
         # Padded keys sit after every real query, so the causal mask already hides them; padded
         # queries get a document of their own and their rows are dropped below.

@@ -19,6 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.shapes import out_struct
+
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ bᵀ
 _TN = (((0,), (0,)), ((), ()))  # aᵀ @ b
@@ -135,7 +137,7 @@ def _up_projection(x, w1, b1, bs, interpret):
         False,
         extra,
         lambda ids: [pl.BlockSpec((bs.block_n,), lambda p: (ids(p)[1],))] if has_bias else [],
-        [jax.ShapeDtypeStruct((n, f), x.dtype)],
+        [out_struct(x, (n, f), x.dtype)],
         lambda ids: [pl.BlockSpec((bs.block_m, bs.block_n), ids)],
         bs,
         interpret,
@@ -147,9 +149,9 @@ def _up_projection(x, w1, b1, bs, interpret):
 def _d_pre(dy, w2, post, has_bias, bs, interpret):
     n, f = post.shape
     kernel = functools.partial(_relu2_dpre_kernel, block_k=bs.block_k, has_bias=has_bias)
-    out_shape = [jax.ShapeDtypeStruct((n, f), post.dtype)]
+    out_shape = [out_struct(dy, (n, f), post.dtype)]
     if has_bias:
-        out_shape.append(jax.ShapeDtypeStruct((n // bs.block_m, f), _F32))
+        out_shape.append(out_struct(dy, (n // bs.block_m, f), _F32))
 
     def out_specs(ids):
         specs = [pl.BlockSpec((bs.block_m, bs.block_n), ids)]

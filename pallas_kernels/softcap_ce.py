@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.shapes import out_struct
+
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ bᵀ
 _TN = (((0,), (0,)), ((), ()))  # aᵀ @ b
@@ -179,9 +181,9 @@ def _lse(x, w, b, st: _Static):
     """Per-token log-sum-exp of the capped logits, and the bf16 raw logits if saved."""
     (n, _), v = x.shape, w.shape[1]
     bm, bv = st.bs.block_m, st.bs.block_v
-    out_shape = [jax.ShapeDtypeStruct((v // bv, n), _F32)]
+    out_shape = [out_struct(x, (v // bv, n), _F32)]
     if st.save_logits:
-        out_shape.append(jax.ShapeDtypeStruct((n, v), x.dtype))
+        out_shape.append(out_struct(x, (n, v), x.dtype))
 
     def out_specs(ids):
         specs = [pl.BlockSpec((None, bm), lambda p: (ids(p)[1], ids(p)[0]))]
@@ -206,9 +208,9 @@ def _target_logit(x, w, b, t, st: _Static):
 
 def _dlogits(x, w, b, t, lse2, g, st: _Static):
     n, v = x.shape[0], w.shape[1]
-    out_shape = [jax.ShapeDtypeStruct((n, v), x.dtype)]
+    out_shape = [out_struct(x, (n, v), x.dtype)]
     if b is not None:
-        out_shape.append(jax.ShapeDtypeStruct((n // st.bs.block_m, v), _F32))
+        out_shape.append(out_struct(x, (n // st.bs.block_m, v), _F32))
 
     def out_specs(ids):
         specs = [pl.BlockSpec((st.bs.block_m, st.bs.block_v), ids)]

@@ -1,5 +1,6 @@
 """Tests for pallas_kernels.attention: the kernel against its f32 reference, forward and VJP."""
 
+import dataclasses
 import zlib
 
 import chex
@@ -108,6 +109,18 @@ class AttentionTest:
     @pytest.mark.parametrize("name", list(CASES))
     def test_matches_reference(self, name):
         self._check(name, **CASES[name])
+
+    @pytest.mark.parametrize("name", ["causal", "window", "ragged_t"])
+    def test_triton_forward(self, name):
+        # Without documents the bf16 forward is the Mosaic kernel; this keeps the Triton one tested.
+        self._check(
+            f"{name}_triton", **CASES[name], block_sizes=dataclasses.replace(SMALL, mosaic_forward=False)
+        )
+
+    def test_mosaic_ring_of_three(self):
+        # 64-key blocks through three SMEM slots: the ring wraps, and window edges fall mid-block.
+        tiles = dataclasses.replace(SMALL, block_k_mgpu=64, stages_mgpu=3)
+        self._check("ring_of_three", t=512, window=150, docs=None, b=1, block_sizes=tiles)
 
     def test_float32(self):
         self._check("float32", t=128, window=24, docs="random", h=1, dtype=jnp.float32)
