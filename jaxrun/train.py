@@ -98,6 +98,7 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
     total for the params it owns, updates those with its optimizer state, and
     all-gathers the new params.
     """
+    _check_kernels_can_train(cfg, mesh)
     tx, axis = optim.make_optimizer(cfg), mesh.axis_names[0]
     local_grads = _local_grads(cfg, mesh.axis_names)
     specs = _opt_state_specs(cfg, mesh, tx)
@@ -129,6 +130,20 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0,))
+
+
+def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+    """Pallas kernels train on GPUs only: off a GPU they need the interpreter, which shard_map breaks."""
+    fields = [
+        f"model.{f}" for f in ("attention_impl", "mlp_impl", "loss_impl") if getattr(cfg.model, f) == "pallas"
+    ]
+    platform = mesh.devices.flat[0].platform
+    if fields and platform != "gpu":
+        raise ConfigError(
+            f"{', '.join(fields)}='pallas' needs GPUs to train, but the mesh is on {platform}: the Pallas "
+            "interpreter that runs the kernels elsewhere does not work inside shard_map. Use 'xla' here "
+            "(model.loss still runs the kernels interpreted, for checks)."
+        )
 
 
 def _local_grads(cfg: Config, axes: tuple[str, ...]):

@@ -11,7 +11,7 @@ import pytest
 
 import launch
 from jaxrun import data, sharding, train
-from jaxrun.config import MeshConfig, apply_overrides
+from jaxrun.config import ConfigError, MeshConfig, apply_overrides
 
 # The loss after one update of `tiny_cfg` from seed 0 on `_batch(0)`. If you changed the
 # init, the model or the optimizer on purpose, rerun and paste the new value here.
@@ -187,3 +187,22 @@ def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
 def test_documents_mode_refuses_cudnn(tiny_cfg):
     with pytest.raises(ValueError, match="needs a document mask"):
         apply_overrides(tiny_cfg, ["data.mode=documents", "model.attention_impl=cudnn"])
+
+
+def test_pallas_kernels_refused_off_gpu(tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["model.attention_impl=pallas", "model.loss_impl=pallas"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    with pytest.raises(ConfigError, match="model.attention_impl, model.loss_impl='pallas' needs GPUs"):
+        train.make_train_step(cfg, mesh)
+
+
+@pytest.mark.gpu
+def test_pallas_kernels_in_the_sharded_step(tiny_cfg):
+    """All three kernels inside the shard_map step follow the XLA path (bf16, 128-wide heads: Mosaic fwd)."""
+    shape = ["model.model_dim=256", "model.head_dim=128", "model.max_seq_len=128", "data.seq_len=128"]
+    cfg = apply_overrides(tiny_cfg, [*shape, "model.compute_dtype=bfloat16", "optim.muon_ns_dtype=float32"])
+    kernels = ["model.attention_impl=pallas", "model.mlp_impl=pallas", "model.loss_impl=pallas"]
+    batches = [_batch(s, cfg) for s in range(3)]
+    _, losses_xla = _steps(cfg, batches)
+    _, losses_pallas = _steps(apply_overrides(cfg, kernels), batches)
+    np.testing.assert_allclose(losses_pallas, losses_xla, rtol=2e-2)
