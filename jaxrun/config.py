@@ -14,6 +14,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -30,9 +31,161 @@ def _check_choice(node: str, name: str, value: Any, choices: tuple[Any, ...]) ->
     _check(value in choices, f"{node}.{name}={value!r} is not one of {choices}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The model's components. Each sub-config belongs to the module of jaxrun/model/ named in its
+# docstring, which owns its params, forward and optimizer rows; the config tree itself imports no
+# JAX, so the PyTorch twins read it too. A sub-config set to None is a technique switched off.
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary positions (jaxrun/model/attention.py), truncated to a share of each head's dims.
+
+    `pairing="halves"` rotates dim j with dim j + K/2 (train_gpt_simple.py); "interleaved" rotates
+    adjacent dims 2j, 2j+1 and leaves the second half of each head still (record #77). `yarn` rescales
+    the frequencies and the attention scale at every long-window change (YaRN, record #77).
+    """
+
+    base: float = 1024.0
+    fraction: float = 0.5  # share of each head's dims that rotate
+    pairing: Literal["halves", "interleaved"] = "halves"
+    yarn: bool = False
+    table_dtype: Literal["float32", "bfloat16"] = "float32"  # record #77 stores cos/sin in bf16
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowConfig:
+    """Sliding windows (jaxrun/model/attention.py), in blocks of `block` tokens.
+
+    Query i sees keys i - w .. i with w = blocks × block. `long_layers` use the long window, every
+    other attention layer the short one. `short` and `long` are the windows outside a schedule
+    (notebooks, eval of a finished run); a recipe's schedule sets them per stage.
+    """
+
+    block: int = 128
+    short: int = 6
+    long: int = 13
+    long_layers: tuple[int, ...] = (3, 10)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """Causal self-attention (jaxrun/model/attention.py) and its per-layer variants."""
+
+    qk_norm: bool = True
+    scale: float | None = 0.12  # None: 1/sqrt(head_dim); with YaRN, the scale before any window change
+    rope: RopeConfig | None = RopeConfig()  # None: no rotary (learned positions)
+    skip_layers: tuple[int, ...] = ()  # layers with an MLP but no attention
+    paired_layers: tuple[int, ...] = ()  # head pairs attend over a doubled sequence (record #77)
+    windows: WindowConfig | None = None  # None: full causal attention
+    key_offset: bool = False  # long-window layers shift the keys' still half back one token
+    gate: bool = False  # per-head sigmoid output gate read from the first 12 dims of the input
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValueEmbedConfig:
+    """Value embeddings (jaxrun/model/embeddings.py): one token table per listed layer, added to v
+    through a per-head gate (record #77: layers 1, 2, 8, 9, 10)."""
+
+    layers: tuple[int, ...] = (1, 2, 8, 9, 10)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BigramConfig:
+    """Bigram hash embedding (jaxrun/model/embeddings.py): a table row per hashed (previous, current)
+    token pair, `rows_per_vocab` × vocab rows, the last one reserved for each row's first position."""
+
+    rows_per_vocab: int = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmearConfig:
+    """Smear (jaxrun/model/embeddings.py): each token embedding adds a gated share of the previous one."""
+
+    gate_width: int = 12  # dims of the current embedding the gate reads
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """The input side (jaxrun/model/embeddings.py)."""
+
+    learned_positions: bool = False  # a [max_seq_len, D] table (GPT-2)
+    norm: bool = True  # normalize the embedding before block 0
+    value: ValueEmbedConfig | None = None
+    bigram: BigramConfig | None = None
+    smear: SmearConfig | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPConfig:
+    """The MLP (jaxrun/model/mlp.py)."""
+
+    activation: Literal["gelu", "relu2"] = "relu2"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkipConfig:
+    """A gated skip (jaxrun/model/residual.py): the residual after `source` is added at `target`,
+    a layer without attention, scaled by σ(λ)·2σ(w · x0[:12]) (record #77: 3 → 6)."""
+
+    source: int = 3
+    target: int = 6
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResidualConfig:
+    """The residual stream (jaxrun/model/residual.py).
+
+    `lambdas`: learned residual and branch scales per sublayer, and per-layer injections of x0 (and
+    of the bigram embedding). `saved_layer`: the residual after this layer is the attention input
+    of every later layer. `backout`: subtract a learned share of it before the head.
+    """
+
+    lambdas: bool = False
+    skip: SkipConfig | None = None
+    saved_layer: int | None = None
+    backout: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP8HeadConfig:
+    """The head's matmul in FP8 while training (jaxrun/model/head.py): e4m3 inputs and weights,
+    e5m2 gradients, static scales (record #77's)."""
+
+    x_scale: float = 100 / 448
+    w_scale: float = 1.6 / 448
+    grad_scale: float = 0.75 / 448
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """The output side (jaxrun/model/head.py).
+
+    `tie`: "always" reads the token embedding from the head's weight (GPT-2); "until_split" does so
+    until the schedule unties them (record #77); "never" keeps two tables. `softcap`: "isru"
+    c·z/√(z²+c²), "tanh" c·tanh(z/c), "sigmoid" c·σ((z+5)/7.5). `multi_token`: the loss also
+    predicts the next tokens, with weights from the schedule.
+    """
+
+    tie: Literal["never", "always", "until_split"] = "never"
+    softcap: Literal["none", "tanh", "isru", "sigmoid"] = "isru"
+    softcap_value: float = 15.0
+    fp8: FP8HeadConfig | None = None
+    multi_token: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Which implementation runs each kernel (jaxrun/model/kernels.py); the model never branches on it."""
+
+    attention: Literal["xla", "cudnn", "pallas"] = "xla"
+    mlp: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
+    loss: Literal["xla", "pallas"] = "xla"  # "pallas": fused head + softcap + CE, no [N, V] logits
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The GPT: every architectural switch the recipes use."""
+    """The GPT: global shapes and numerics, then one sub-config per component."""
 
     vocab_size: int = 50304  # 50257 padded to a multiple of 128
     num_layers: int = 12
@@ -40,58 +193,116 @@ class ModelConfig:
     head_dim: int = 128
     mlp_ratio: int = 4
     max_seq_len: int = 1024  # size of the learned position table
-    positions: Literal["learned", "rope"] = "rope"
-    rope_base: float = 1024.0
-    rope_fraction: float = 0.5  # share of each head's dims that rotate
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_gains: bool = True
-    embed_norm: bool = True  # normalize the token embeddings before block 0
-    activation: Literal["gelu", "relu2"] = "relu2"
-    qk_norm: bool = True
     linear_biases: bool = True
-    tied_embeddings: bool = False
-    softcap: Literal["none", "tanh", "isru"] = "isru"
-    softcap_value: float = 15.0
-    attention_scale: float | None = 0.12  # None means 1/sqrt(head_dim)
-    attention_impl: Literal["xla", "cudnn", "pallas"] = "xla"
-    mlp_impl: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
-    loss_impl: Literal["xla", "pallas"] = "xla"  # "pallas": fused head + softcap + CE, no [N, V] logits
-    scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them (faster steps on GPU)
-    init: Literal["gpt2", "speedrun"] = "speedrun"
+    init: Literal["gpt2", "speedrun", "record"] = "speedrun"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them (faster steps on GPU)
+    embed: EmbedConfig = EmbedConfig()
+    attn: AttentionConfig = AttentionConfig()
+    mlp: MLPConfig = MLPConfig()
+    residual: ResidualConfig = ResidualConfig()
+    head: HeadConfig = HeadConfig()
+    kernels: KernelConfig = KernelConfig()
 
     def __post_init__(self):
         node = "model"
-        _check_choice(node, "positions", self.positions, ("learned", "rope"))
         _check_choice(node, "norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice(node, "activation", self.activation, ("gelu", "relu2"))
-        _check_choice(node, "softcap", self.softcap, ("none", "tanh", "isru"))
-        _check_choice(node, "attention_impl", self.attention_impl, ("xla", "cudnn", "pallas"))
-        _check_choice(node, "init", self.init, ("gpt2", "speedrun"))
-        _check_choice(node, "mlp_impl", self.mlp_impl, ("xla", "pallas"))
-        _check_choice(node, "loss_impl", self.loss_impl, ("xla", "pallas"))
-        _check(
-            self.mlp_impl == "xla" or self.activation == "relu2",
-            f"model.mlp_impl='pallas' fuses ReLU², but model.activation={self.activation!r}",
-        )
-        _check(
-            self.loss_impl == "xla" or self.softcap == "isru",
-            f"model.loss_impl='pallas' supports softcap 'isru', not model.softcap={self.softcap!r}",
-        )
+        _check_choice(node, "init", self.init, ("gpt2", "speedrun", "record"))
         _check_choice(node, "compute_dtype", self.compute_dtype, ("float32", "bfloat16"))
+        _check_choice(node + ".mlp", "activation", self.mlp.activation, ("gelu", "relu2"))
+        _check_choice(node + ".head", "tie", self.head.tie, ("never", "always", "until_split"))
+        _check_choice(node + ".head", "softcap", self.head.softcap, ("none", "tanh", "isru", "sigmoid"))
+        _check_choice(node + ".kernels", "attention", self.kernels.attention, ("xla", "cudnn", "pallas"))
+        _check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
+        _check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             _check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
         _check(
             self.model_dim % self.head_dim == 0,
             f"model.model_dim={self.model_dim} is not a multiple of model.head_dim={self.head_dim}",
         )
-        rotated = self.head_dim * self.rope_fraction
+        _check(self.head.softcap_value > 0, f"model.head.softcap_value={self.head.softcap_value} must be positive")
         _check(
-            0 < self.rope_fraction <= 1 and rotated % 2 == 0 and rotated == int(rotated),
-            f"model.rope_fraction={self.rope_fraction} must rotate an even number of the "
+            self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
+            f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
+        )
+        _check(
+            self.kernels.loss == "xla" or (self.head.softcap == "isru" and not self._record_head),
+            "model.kernels.loss='pallas' supports softcap 'isru' without FP8 or multi-token loss, not "
+            f"model.head={self.head}",
+        )
+        self._check_rope()
+        self._check_layers()
+
+    @property
+    def _record_head(self) -> bool:
+        return self.head.fp8 is not None or self.head.multi_token
+
+    def _check_rope(self) -> None:
+        rope = self.attn.rope
+        if rope is None:
+            _check(
+                self.embed.learned_positions,
+                "model.attn.rope=None needs model.embed.learned_positions=True: the model has no positions",
+            )
+            return
+        _check_choice("model.attn.rope", "pairing", rope.pairing, ("halves", "interleaved"))
+        rotated = self.head_dim * rope.fraction
+        _check(
+            0 < rope.fraction <= 1 and rotated % 2 == 0 and rotated == int(rotated),
+            f"model.attn.rope.fraction={rope.fraction} must rotate an even number of the "
             f"{self.head_dim} head dims",
         )
-        _check(self.softcap_value > 0, f"model.softcap_value={self.softcap_value} must be positive")
+        _check(
+            not rope.yarn or self.attn.windows is not None,
+            "model.attn.rope.yarn=True rescales at long-window changes: set model.attn.windows",
+        )
+
+    def _check_layers(self) -> None:
+        """Per-layer techniques name real layers and combine (the layer plan relies on it)."""
+        L, a, e, r = self.num_layers, self.attn, self.embed, self.residual
+        layer_fields = {
+            "model.attn.skip_layers": a.skip_layers,
+            "model.attn.paired_layers": a.paired_layers,
+            "model.embed.value.layers": e.value.layers if e.value else (),
+            "model.attn.windows.long_layers": a.windows.long_layers if a.windows else (),
+        }
+        for name, layers in layer_fields.items():
+            _check(all(0 <= i < L for i in layers), f"{name}={layers} names layers outside 0..{L - 1}")
+        for name in ("model.attn.paired_layers", "model.embed.value.layers", "model.attn.windows.long_layers"):
+            clash = sorted(set(layer_fields[name]) & set(a.skip_layers))
+            _check(not clash, f"{name} lists {clash}, which model.attn.skip_layers leaves without attention")
+        _check(
+            not a.paired_layers or self.num_heads % 2 == 0,
+            f"model.attn.paired_layers needs an even head count, not {self.num_heads}",
+        )
+        _check(
+            not a.paired_layers or not set(a.paired_layers) & set(layer_fields["model.attn.windows.long_layers"]),
+            "model.attn.paired_layers and model.attn.windows.long_layers overlap: key offset and YaRN differ there",
+        )
+        _check(not a.key_offset or a.windows is not None, "model.attn.key_offset=True needs model.attn.windows")
+        if r.skip is not None:
+            _check(
+                r.skip.target in a.skip_layers and 0 <= r.skip.source < r.skip.target,
+                f"model.residual.skip={r.skip} must come from an earlier layer into one of "
+                f"model.attn.skip_layers={a.skip_layers}",
+            )
+        _check(
+            r.saved_layer is None or 0 <= r.saved_layer < L - 1,
+            f"model.residual.saved_layer={r.saved_layer} must be a layer before the last",
+        )
+        _check(not r.backout or r.saved_layer is not None, "model.residual.backout=True needs model.residual.saved_layer")
+        width = 12  # the gates read the first 12 dims
+        gated = a.gate or r.skip is not None or e.value is not None or e.smear is not None
+        _check(not gated or self.model_dim >= width, f"model.model_dim={self.model_dim} < the gates' {width} inputs")
+        uniform = not (a.skip_layers or a.paired_layers or a.windows or e.value or r.skip or r.saved_layer is not None)
+        _check(
+            uniform or not self.scan_layers,
+            "model.scan_layers=True needs identical layers; this model's layers differ (skip, paired, "
+            "windowed, value-embedding or saved-activation layers): set model.scan_layers=False",
+        )
 
     @property
     def num_heads(self) -> int:
@@ -100,6 +311,10 @@ class ModelConfig:
     @property
     def mlp_dim(self) -> int:
         return self.mlp_ratio * self.model_dim
+
+    @property
+    def num_attn_layers(self) -> int:
+        return self.num_layers - len(self.attn.skip_layers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,10 +475,10 @@ class Config:
 
     def __post_init__(self):
         _check(
-            self.data.mode == "contiguous" or self.model.attention_impl != "cudnn",
-            "data.mode='documents' needs a document mask: model.attention_impl 'xla' or 'pallas', not 'cudnn'",
+            self.data.mode == "contiguous" or self.model.kernels.attention != "cudnn",
+            "data.mode='documents' needs a document mask: model.kernels.attention 'xla' or 'pallas', not 'cudnn'",
         )
-        if self.model.positions == "learned":
+        if self.model.embed.learned_positions:
             _check(
                 self.data.seq_len <= self.model.max_seq_len,
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
@@ -273,14 +488,23 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+def _options(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a field's type hint (a string, from __future__): `X | None` gives (X, None)."""
+    hint = eval(annotation, {**vars(typing), **globals()}) if isinstance(annotation, str) else annotation
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
 def _parse_value(text: str, annotation: Any, key: str) -> Any:
     """Parse `text` as a value of the field type `annotation` (a string, from __future__)."""
-    hint = eval(annotation, vars(typing), {}) if isinstance(annotation, str) else annotation
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if text.lower() in ("none", "null") and type(None) in options:
+    options = _options(annotation)
+    if text.lower() in ("none", "null", "off") and type(None) in options:
         return None
     for option in options:
         if option is type(None):
+            continue
+        if dataclasses.is_dataclass(option):  # a switchable component: "on" takes its defaults
+            if text.lower() == "on":
+                return option()
             continue
         if typing.get_origin(option) is Literal:
             if text in typing.get_args(option):
@@ -329,9 +553,69 @@ def _replace_path(node: Any, path: list[str], text: str, key: str) -> Any:
     field = fields[path[0]]
     child = getattr(node, path[0])
     if len(path) == 1:
-        if dataclasses.is_dataclass(child):
+        switchable = type(None) in _options(field.type)
+        if dataclasses.is_dataclass(child) and not (switchable and text.lower() in ("on", "off", "none")):
             raise ConfigError(f"--set {key}: {path[0]!r} is a section; name one of its fields")
         return dataclasses.replace(node, **{path[0]: _parse_value(text, field.type, key)})
+    if child is None and any(dataclasses.is_dataclass(h) for h in _options(field.type)):
+        raise ConfigError(
+            f"--set {key}: {path[0]!r} is off (None) here; turn it on first with --set "
+            f"{key[: key.index(path[0]) + len(path[0])]}=on"
+        )
     if not dataclasses.is_dataclass(child):
         raise ConfigError(f"--set {key}: {path[0]!r} is a value, not a section")
     return dataclasses.replace(node, **{path[0]: _replace_path(child, path[1:], text, key)})
+
+
+# --- configs saved by earlier runs --------------------------------------------------------------
+
+
+def config_from_dict(d: dict[str, Any], cls: type = Config) -> Any:
+    """A config (or one node of it) from its `to_json` form; fields missing from `d` take defaults.
+
+    Raises:
+      ConfigError: `d` holds a field `cls` does not know (saved by another version).
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(d) - names):
+        raise ConfigError(f"saved config has fields {cls.__name__} does not know: {unknown}")
+
+    def value(v: Any, hint: Any) -> Any:
+        if dataclasses.is_dataclass(hint):
+            return config_from_dict(v, hint)
+        return tuple(value(x, None) for x in v) if isinstance(v, list) else v  # JSON lists were tuples
+
+    return cls(**{k: value(v, hints[k]) for k, v in d.items()})
+
+
+def config_changes(old: Config | dict, new: Config) -> list[str]:
+    """`section.field: old -> new` for every field that differs."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a = flat(old if isinstance(old, dict) else json.loads(old.to_json()))
+    b = flat(json.loads(new.to_json()))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def saved_config(run_dir: str | Path) -> Config:
+    """The config in a run's newest checkpoint whose config reads back; the base of `--resume`.
+
+    Plain file reads (no jax): `<run_dir>/checkpoints/<step>/config/config.json`.
+
+    Raises:
+      ConfigError: no checkpoint there has a config that reads back.
+    """
+    directory = Path(run_dir).expanduser() / "checkpoints"
+    steps = [p for p in directory.glob("*") if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
+    for step_dir in sorted(steps, key=lambda p: int(p.name), reverse=True):
+        try:
+            return config_from_dict(json.loads((step_dir / "config" / "config.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    raise ConfigError(f"no checkpoint to resume from in {directory}")
