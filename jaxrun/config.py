@@ -582,8 +582,9 @@ def config_from_dict(d: dict[str, Any], cls: type = Config) -> Any:
         raise ConfigError(f"saved config has fields {cls.__name__} does not know: {unknown}")
 
     def value(v: Any, hint: Any) -> Any:
-        if dataclasses.is_dataclass(hint):
-            return config_from_dict(v, hint)
+        if isinstance(v, dict):  # a section, or a sub-config that may be None (`RopeConfig | None`)
+            options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            return config_from_dict(v, next(h for h in options if dataclasses.is_dataclass(h)))
         return tuple(value(x, None) for x in v) if isinstance(v, list) else v  # JSON lists were tuples
 
     return cls(**{k: value(v, hints[k]) for k, v in d.items()})

@@ -1,6 +1,7 @@
 """The config tree: defaults, overrides, validation errors, and the recipe files."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -102,3 +103,23 @@ def test_simple_matches_the_recipe():
 def test_unknown_config_name_lists_choices():
     with pytest.raises(SystemExit, match="choose one of"):
         launch.load_config("nope")
+
+
+def test_saved_config_round_trips_sub_configs_and_tuples(tmp_path):
+    """What a checkpoint stores reads back equal: switched-on sub-configs, tuples, unknown fields refused."""
+    from jaxrun.config import WindowConfig, config_changes, config_from_dict, saved_config
+
+    base = Config(name="x")
+    attn = dataclasses.replace(base.model.attn, windows=WindowConfig())
+    model = dataclasses.replace(base.model, attn=attn, scan_layers=False)
+    cfg = dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, stages=((4, 16, 64, None),)))
+    assert config_from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ConfigError, match="does not know"):
+        config_from_dict({**json.loads(cfg.to_json()), "extra": 1})
+    for step, saved in ((3, base), (7, cfg)):
+        (tmp_path / "checkpoints" / str(step) / "config").mkdir(parents=True)
+        (tmp_path / "checkpoints" / str(step) / "config" / "config.json").write_text(saved.to_json())
+    assert saved_config(tmp_path) == cfg  # the newest
+    assert "model.attn.windows.block: None -> 128" in config_changes(base, cfg)
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        saved_config(tmp_path / "elsewhere")
