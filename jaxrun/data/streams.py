@@ -1,10 +1,4 @@
-"""Token batches from llm.c/FineWeb `.bin` shards, through a grain pipeline.
-
-A shard is a 256 x int32 header (`magic=20240520`, `version=1`, `num_tokens`)
-followed by `num_tokens` uint16 GPT-2 ids; every document starts with
-`<|endoftext|>` (50256), used as BOS. `ShardSource` is a grain
-`RandomAccessDataSource` over memory-mapped shards whose headers are all checked
-when it is built, so a bad file fails before training starts.
+"""Train batches from token shards, through a grain pipeline.
 
 Two batchers walk the shards in order and wrap to a new epoch at the end:
 
@@ -24,119 +18,18 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import glob
 import itertools
 import os
 import weakref
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Self
 
 import grain
 import numpy as np
 
-MAGIC, VERSION, HEADER_INTS, BOS = 20240520, 1, 256, 50256
-HEADER_BYTES = HEADER_INTS * 4
+from jaxrun.data.shards import BOS, ShardSource, cached
 
 Batch = dict[str, np.ndarray]
-
-
-class ShardError(ValueError):
-    """A shard file that is missing, malformed or truncated; the message names it."""
-
-
-def read_header(path: str | os.PathLike) -> int:
-    """Validate a shard's header against its file size; return its token count."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise ShardError(f"{path}: cannot read shard ({e.strerror or e})") from e
-    if raw.startswith(b"\xfd7zXZ\x00"):
-        raise ShardError(f"{path}: xz-compressed; unpack it with `python launch.py data unxz {path.parent}`")
-    if len(raw) < HEADER_BYTES:
-        raise ShardError(f"{path}: truncated header ({size} bytes, need {HEADER_BYTES})")
-    header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != MAGIC:
-        raise ShardError(f"{path}: bad magic {header[0]} (expected {MAGIC}); not an llm.c token shard")
-    if header[1] != VERSION:
-        raise ShardError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
-    num_tokens = int(header[2])
-    expected = HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size != expected:
-        raise ShardError(
-            f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
-            + (" (truncated)" if size < expected else "")
-        )
-    return num_tokens
-
-
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map a validated shard's tokens as uint16."""
-    num_tokens = read_header(path)
-    if num_tokens == 0:
-        return np.zeros(0, np.uint16)
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-
-
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write tokens as an llm.c shard (via a temporary file, so readers never see half of one)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
-        raise ValueError(f"{path}: token ids must lie in [0, 65535] to fit uint16")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, tokens.size
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-    tmp.replace(path)
-
-
-def find_shards(pattern: str) -> list[Path]:
-    """The files matching a glob (`~` expanded), sorted; ShardError if there are none."""
-    files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern)))
-    if not files:
-        raise ShardError(f"no shard files match {pattern!r}")
-    return files
-
-
-class ShardSource(grain.sources.RandomAccessDataSource):
-    """grain data source: item i is shard i's tokens, memory-mapped; headers checked up front."""
-
-    def __init__(self, files: Sequence[str | os.PathLike]):
-        if not files:
-            raise ShardError("no shard files given")
-        self.files = tuple(Path(f) for f in files)
-        self.num_tokens = tuple(read_header(f) for f in self.files)
-        self._bos: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return read_shard(self.files[index])
-
-    def bos_positions(self, index: int) -> np.ndarray:
-        """Offsets of every BOS token in shard `index` (the last two shards' are kept)."""
-        return _cached(self._bos, index, lambda: np.flatnonzero(self[index] == BOS))
-
-    def __repr__(self) -> str:
-        return f"ShardSource({len(self.files)} files, {sum(self.num_tokens):,} tokens)"
-
-
-def _cached(cache: dict, key: Any, compute: Callable[[], Any], size: int = 2) -> Any:
-    """Look `key` up in a small insertion-ordered cache, computing and evicting as needed."""
-    if key not in cache:
-        while len(cache) >= size:
-            cache.pop(next(iter(cache)))
-        cache[key] = compute()
-    return cache[key]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -285,7 +178,7 @@ class _Documents(_BatchDataset):
                 lengths = np.minimum(lengths, max_doc_len)
             return starts, np.concatenate([[0], np.cumsum(lengths)])
 
-        return _cached(self._ends, (shard, max_doc_len), compute)
+        return cached(self._ends, (shard, max_doc_len), compute)
 
     def make_batch(self, shard: int, offset: int, stage: Stage) -> tuple[Batch, int] | None:
         # Each row is the records' per-rank buffer: whole documents from BOS, each cut to
@@ -454,43 +347,3 @@ class DocumentStream(_Stream):
     ):
         stages = _stages(batch_seqs, seq_len, max_doc_len, stages)
         super().__init__(_Documents(files, stages, process_index, process_count, seed), prefetch)
-
-
-def segment_ids(inputs: np.ndarray) -> np.ndarray:
-    """Document ids per position: the number of BOS tokens up to and including it, per row."""
-    return np.cumsum(inputs == BOS, axis=-1, dtype=np.int32)
-
-
-def val_batches(
-    files: Sequence[str | os.PathLike], *, num_tokens: int, seq_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first `num_tokens` validation positions, scored as the reference scores them.
-
-    Inputs are stream tokens `[0, num_tokens)` and targets `[1, num_tokens + 1)`,
-    as `train_gpt_simple.py` reads its one val batch (identical whenever the first
-    file holds more than `num_tokens + 1` tokens, as FineWeb's does).
-
-    Returns:
-      `(inputs, targets)`, int32 `[num_tokens // seq_len, seq_len]`. For document
-      masking, `segment_ids(inputs)` numbers the documents (0 for a row's leading
-      partial document), as the records derive cu_seqlens from BOS positions.
-    """
-    if seq_len <= 0 or num_tokens <= 0 or num_tokens % seq_len:
-        raise ValueError(f"val num_tokens={num_tokens} must be a positive multiple of seq_len={seq_len}")
-    source = ShardSource(files)
-    have = sum(source.num_tokens)
-    if have < num_tokens + 1:
-        raise ShardError(
-            f"the val files ({', '.join(str(f) for f in source.files)}) hold {have:,} tokens, "
-            f"fewer than the {num_tokens + 1:,} needed to score {num_tokens:,}; "
-            f"set data.val_tokens to at most {(have - 1) // seq_len * seq_len:,}"
-        )
-    parts, need = [], num_tokens + 1
-    for i in range(len(source)):
-        take = min(need, source.num_tokens[i])
-        parts.append(np.asarray(source[i][:take], dtype=np.int32))
-        need -= take
-        if need == 0:
-            break
-    buf = np.concatenate(parts)
-    return buf[:-1].reshape(-1, seq_len), buf[1:].reshape(-1, seq_len)

@@ -1,29 +1,10 @@
-"""The shard loader: exact windows, BOS-aligned rows, stages, resume, processes, bad files."""
+"""The train streams: exact windows, BOS-aligned rows, stages, resume, processes."""
 
 import numpy as np
 import pytest
 
 from jaxrun import data
 from jaxrun.data import BOS
-
-
-def _docs(rng, n_docs, max_len=60):
-    """A token stream of n_docs documents, each a BOS then 0..max_len ordinary ids."""
-    parts = []
-    for _ in range(n_docs):
-        parts.append([BOS, *rng.integers(0, 50000, rng.integers(0, max_len + 1))])
-    return np.concatenate(parts).astype(np.uint16)
-
-
-@pytest.fixture
-def shards(tmp_path):
-    rng = np.random.default_rng(0)
-    files = []
-    for i, n_docs in enumerate([120, 90, 150]):
-        path = tmp_path / f"toy_train_{i:06d}.bin"
-        data.write_shard(path, _docs(rng, n_docs))
-        files.append(path)
-    return files
 
 
 def _reference_contiguous(files, batch_tokens, local, rank):
@@ -77,52 +58,6 @@ def _reference_documents(files, num_tokens_local, world, max_len):
             bufs, idx = out
             step += 1
             yield bufs
-
-
-# ---- shard files ----
-
-
-def test_write_read_round_trip(tmp_path):
-    tokens = np.array([BOS, 1, 2, 65535, 0], np.uint16)
-    data.write_shard(tmp_path / "a.bin", tokens)
-    got = data.read_shard(tmp_path / "a.bin")
-    assert got.dtype == np.uint16
-    np.testing.assert_array_equal(got, tokens)
-    assert (tmp_path / "a.bin").stat().st_size == 1024 + 2 * 5
-
-
-def test_write_refuses_large_ids(tmp_path):
-    with pytest.raises(ValueError, match="65535"):
-        data.write_shard(tmp_path / "a.bin", np.array([1, 65536]))
-
-
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (lambda b: b[:-2], "truncated"),
-        (lambda b: b[:100], "truncated header"),
-        (lambda b: b + b"\0\0", "file has"),
-        (lambda b: b"\1\0\0\0" + b[4:], "bad magic"),
-        (lambda b: b[:4] + b"\7\0\0\0" + b[8:], "unsupported version 7"),
-    ],
-)
-def test_bad_shards_are_named(tmp_path, shards, damage, message):
-    bad = tmp_path / "bad.bin"
-    bad.write_bytes(damage(shards[0].read_bytes()))
-    with pytest.raises(data.ShardError, match=message) as err:
-        data.read_shard(bad)
-    assert str(bad) in str(err.value)
-    # A bad file among good ones fails when the stream is built, before any batch.
-    with pytest.raises(data.ShardError, match="bad.bin"):
-        data.TokenStream([*shards, bad], batch_seqs=2, seq_len=8)
-    with pytest.raises(data.ShardError, match="bad.bin"):
-        data.DocumentStream([bad, *shards], batch_seqs=2, seq_len=8, max_doc_len=8)
-
-
-def test_find_shards(tmp_path, shards):
-    assert data.find_shards(str(tmp_path / "toy_train_*.bin")) == shards
-    with pytest.raises(data.ShardError, match="nothing_\\*"):
-        data.find_shards(str(tmp_path / "nothing_*.bin"))
 
 
 # ---- contiguous windows ----
@@ -180,29 +115,6 @@ def test_processes_read_disjoint_slices(shards, kind):
                 np.testing.assert_array_equal(
                     np.concatenate([seen[r][step][key] for r in range(4)]), full[key]
                 )
-
-
-# ---- validation ----
-
-
-def test_val_batches(shards):
-    stream = np.concatenate([np.asarray(data.read_shard(f)) for f in shards]).astype(np.int32)
-    inputs, targets = data.val_batches(shards, num_tokens=64, seq_len=16)
-    assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == np.int32
-    np.testing.assert_array_equal(inputs.ravel(), stream[:64])
-    np.testing.assert_array_equal(targets.ravel(), stream[1:65])
-    # Crossing into the second file.
-    n = (len(stream) - 1) // 16 * 16
-    inputs, targets = data.val_batches(shards, num_tokens=n, seq_len=16)
-    np.testing.assert_array_equal(targets.ravel(), stream[1 : n + 1])
-
-
-def test_val_batches_too_few_tokens(shards):
-    have = sum(len(data.read_shard(f)) for f in shards)
-    with pytest.raises(data.ShardError, match=f"hold {have:,} tokens.*data.val_tokens"):
-        data.val_batches(shards, num_tokens=have // 16 * 16 + 16, seq_len=16)
-    with pytest.raises(ValueError, match="multiple of seq_len"):
-        data.val_batches(shards, num_tokens=60, seq_len=16)
 
 
 # ---- resume ----

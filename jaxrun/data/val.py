@@ -1,0 +1,50 @@
+"""Validation tokens, read as the references score them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxrun.data.shards import BOS, ShardError, ShardSource
+
+
+def segment_ids(inputs: np.ndarray) -> np.ndarray:
+    """Document ids per position: the number of BOS tokens up to and including it, per row."""
+    return np.cumsum(inputs == BOS, axis=-1, dtype=np.int32)
+
+
+def val_batches(
+    files: Sequence[str | os.PathLike], *, num_tokens: int, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num_tokens` validation positions, scored as the reference scores them.
+
+    Inputs are stream tokens `[0, num_tokens)` and targets `[1, num_tokens + 1)`,
+    as `train_gpt_simple.py` reads its one val batch (identical whenever the first
+    file holds more than `num_tokens + 1` tokens, as FineWeb's does).
+
+    Returns:
+      `(inputs, targets)`, int32 `[num_tokens // seq_len, seq_len]`. For document
+      masking, `segment_ids(inputs)` numbers the documents (0 for a row's leading
+      partial document), as the records derive cu_seqlens from BOS positions.
+    """
+    if seq_len <= 0 or num_tokens <= 0 or num_tokens % seq_len:
+        raise ValueError(f"val num_tokens={num_tokens} must be a positive multiple of seq_len={seq_len}")
+    source = ShardSource(files)
+    have = sum(source.num_tokens)
+    if have < num_tokens + 1:
+        raise ShardError(
+            f"the val files ({', '.join(str(f) for f in source.files)}) hold {have:,} tokens, "
+            f"fewer than the {num_tokens + 1:,} needed to score {num_tokens:,}; "
+            f"set data.val_tokens to at most {(have - 1) // seq_len * seq_len:,}"
+        )
+    parts, need = [], num_tokens + 1
+    for i in range(len(source)):
+        take = min(need, source.num_tokens[i])
+        parts.append(np.asarray(source[i][:take], dtype=np.int32))
+        need -= take
+        if need == 0:
+            break
+    buf = np.concatenate(parts)
+    return buf[:-1].reshape(-1, seq_len), buf[1:].reshape(-1, seq_len)
