@@ -115,12 +115,9 @@ def main(argv: list[str]) -> int:
 
 
 def _saved_config(run_dir: str):
-    from jaxrun.checkpoint import CheckpointError, saved_config
+    from jaxrun.config import saved_config
 
-    try:
-        return saved_config(run_dir)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    return saved_config(run_dir)
 
 
 if __name__ == "__main__":

@@ -15,22 +15,16 @@ so a save cut short never looks finished. Such leftovers, and checkpoints that
 fail to read back or whose checksums disagree (orbax restores flipped bits
 without complaint), are reported and moved to `<run dir>/checkpoints-damaged/`,
 and resuming falls back to the one before. A state with non-finite values is
-never saved. A non-finite loss or gradient norm stops the run: the steps since
-the last good checkpoint are replayed to name the leaves that went non-finite.
-SIGTERM and SIGINT save at the next step boundary and stop (`StopSignals`).
+never saved. What stops the loop early (signals, a non-finite loss) is in
+`jaxrun.loop_control`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import os
 import shutil
-import signal
-import threading
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
@@ -43,7 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxrun import model
-from jaxrun.config import Config, ConfigError
+from jaxrun.config import Config, ConfigError, config_changes, config_from_dict
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 
@@ -62,36 +56,7 @@ class Restored(NamedTuple):
     train_ms: float
 
 
-def config_from_dict(d: dict[str, Any], cls: type = Config) -> Any:
-    """A config (or one node of it) from its `to_json` form; fields missing from `d` take defaults."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if unknown := sorted(set(d) - names):
-        raise ConfigError(f"saved config has fields {cls.__name__} does not know: {unknown}")
-
-    def value(v: Any, hint: Any) -> Any:
-        if dataclasses.is_dataclass(hint):
-            return config_from_dict(v, hint)
-        return tuple(value(x, None) for x in v) if isinstance(v, list) else v  # JSON lists were tuples
-
-    return cls(**{k: value(v, hints[k]) for k, v in d.items()})
-
-
-def config_changes(old: Config | dict, new: Config) -> list[str]:
-    """`section.field: old -> new` for every field that differs."""
-
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a = flat(old if isinstance(old, dict) else json.loads(old.to_json()))
-    b = flat(json.loads(new.to_json()))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-
-
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
+def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
     """(path, leaf) pairs, paths like `opt_state/inner_states/hidden/inner_state/0/count`."""
     flat = jax.tree_util.tree_leaves_with_path(tree)
     return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in flat]
@@ -121,18 +86,6 @@ def _snapshot(state: Any) -> tuple[Any, jax.Array, jax.Array]:
         jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True) for x in leaves
     ]
     return jax.tree.map(jnp.copy, state), _checksums(state), jnp.stack(finite)
-
-
-def _nonfinite(tree: Any) -> list[str]:
-    """Paths of the leaves holding a NaN or an infinity."""
-    flags = jax.tree.map(
-        lambda x: ~jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else False, tree
-    )
-    return [path for path, bad in _leaves(flags) if bad]
-
-
-def all_finite(metrics: dict[str, Any]) -> bool:
-    return all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
 
 
 class Position(grain.DatasetIterator):
@@ -187,14 +140,14 @@ def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestor
 def _verify(tree: Any, checksums: dict[str, int]) -> None:
     """Raise CheckpointError if a restored leaf's checksum differs from the saved one."""
     sums = np.asarray(_checksums(tree)).tolist()
-    bad = [p for (p, _), s in zip(_leaves(tree), sums, strict=True) if checksums.get(p) != s]
+    bad = [p for (p, _), s in zip(leaf_paths(tree), sums, strict=True) if checksums.get(p) != s]
     if bad:
         raise CheckpointError(f"checksum mismatch in {len(bad)} array(s), e.g. {bad[0]}")
 
 
 def _shapes(tree: Any) -> dict[str, str]:
     """Each leaf's shape and dtype, by path; params first, so messages lead with them."""
-    shapes = {p: f"{tuple(x.shape)} {np.dtype(x.dtype).name}" for p, x in _leaves(tree)}
+    shapes = {p: f"{tuple(x.shape)} {np.dtype(x.dtype).name}" for p, x in leaf_paths(tree)}
     return dict(sorted(shapes.items(), key=lambda item: (not item[0].startswith("params"), item[0])))
 
 
@@ -230,17 +183,6 @@ def step_dirs(directory: str | Path) -> list[Path]:
     )
 
 
-def saved_config(run_dir: str | Path) -> Config:
-    """The config in a run's newest checkpoint whose config reads back; the base of `launch.py --resume`."""
-    directory = Path(run_dir).expanduser() / "checkpoints"
-    for step_dir in reversed(step_dirs(directory)):
-        try:
-            return config_from_dict(json.loads((step_dir / "config" / "config.json").read_text()))
-        except (OSError, ValueError):
-            continue
-    raise CheckpointError(f"no checkpoint to resume from in {directory}")
-
-
 class Checkpointer:
     """A run's checkpoints in `<run_dir>/checkpoints`: asynchronous saves, resuming from the newest good one.
 
@@ -254,8 +196,9 @@ class Checkpointer:
         self.cfg = cfg
         self.directory = Path(run_dir).expanduser().resolve() / "checkpoints"
         self.stall_ms = 0.0  # time the loop spent blocked in checkpointing, in total
-        self._log = log
+        self.log = log
         self._pending: _Snapshot | None = None
+        self._changes: list[str] = []  # config changes against the checkpoint resumed from
         self._manager: ocp.CheckpointManager | None = None
 
     @property
@@ -266,7 +209,7 @@ class Checkpointer:
                 for tmp in ocp.path.step.all_temporary_paths(epath.Path(self.directory)):
                     path = Path(tmp.get())
                     dest = self._set_aside(path)
-                    self._log(
+                    self.log(
                         f"checkpoint {path.name} was never finished (stopped mid-save); moved it to {dest}"
                     )
             options = ocp.CheckpointManagerOptions(
@@ -320,7 +263,7 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         finite = np.asarray(snap.finite)
-        paths = [p for p, _ in _leaves(snap.state)]
+        paths = [p for p, _ in leaf_paths(snap.state)]
         if not finite.all():
             bad = [p for p, ok in zip(paths, finite, strict=True) if not ok]
             self.wait()
@@ -350,7 +293,7 @@ class Checkpointer:
         blocked = snap.blocked_ms + 1000 * (time.perf_counter() - t0)
         self.stall_ms += blocked
         where = self.directory / str(snap.step)
-        self._log(f"checkpoint {snap.step}: saving to {where} (loop blocked {blocked:.0f}ms)")
+        self.log(f"checkpoint {snap.step}: saving to {where} (loop blocked {blocked:.0f}ms)")
 
     def wait(self) -> None:
         """Block until every save handed to orbax is on disk."""
@@ -365,14 +308,21 @@ class Checkpointer:
             self._manager.close()
             self._manager = None
 
+    def discard_pending(self) -> None:
+        """Drop the snapshot not yet handed to orbax, and wait for the saves that were."""
+        self._pending = None
+        self.wait()
+
     def _fail(self, message: str) -> NoReturn:
-        self._log(f"error: {message}")
+        self.log(f"error: {message}")
         raise NonFiniteError(message)
 
     def check_compatible(self, abstract_state: Any) -> None:
         """Refuse (ConfigError) a state whose shapes differ from the newest readable checkpoint's.
 
-        Other config changes are allowed, and listed.
+        Other config changes are allowed, and listed once a checkpoint is restored. A
+        checkpoint past `train.steps` is refused here too, before any data is read or
+        anything compiled.
         """
         for step in reversed(self.manager.all_steps()):
             step_dir = self.directory / str(step)
@@ -382,12 +332,15 @@ class Checkpointer:
                 devices = json.loads((step_dir / "meta" / "meta.json").read_text())["devices"]
             except Exception:  # noqa: BLE001, S112 (unreadable: restore_latest reports it and falls back)
                 continue
-            changes = config_changes(old_cfg, self.cfg)
+            if step > self.cfg.train.steps:
+                raise ConfigError(
+                    f"the newest checkpoint, {step_dir}, is past train.steps={self.cfg.train.steps}: "
+                    f"set train.steps to {step} or more to continue"
+                )
+            self._changes = config_changes(old_cfg, self.cfg)
             old, new = _shapes(saved), _shapes(abstract_state)
             if old != new:
-                raise ConfigError(_refusal(step_dir, changes, devices, old, new))
-            if changes:
-                self._log(f"resuming from step {step} with config changes: {'; '.join(changes)}")
+                raise ConfigError(_refusal(step_dir, self._changes, devices, old, new))
             return
         raise CheckpointError(f"no readable checkpoint to resume from in {self.directory}")
 
@@ -406,7 +359,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001
                 dest = self._set_aside(self.directory / str(step))
                 self.manager.reload()
-                self._log(
+                self.log(
                     f"checkpoint {step} is damaged ({_short(e)}); moved it to {dest}, trying the one before"
                 )
         stream.set_state(position)
@@ -433,100 +386,9 @@ class Checkpointer:
             raise ConfigError(
                 f"the checkpoint is at step {restored.step}, past train.steps={self.cfg.train.steps}"
             )
-        self._log(f"resumed from {self.directory / str(restored.step)}")
+        changes = f" with config changes: {'; '.join(self._changes)}" if self._changes else ""
+        self.log(f"resumed from {self.directory / str(restored.step)}{changes}")
         return restored
-
-    def stop_nonfinite(
-        self, step: int, metrics: dict, fresh: Any, stream: Any, train_step, next_batch
-    ) -> NoReturn:
-        """Stop the run after step `step`'s non-finite metrics, naming the leaves that went non-finite.
-
-        The steps from the last good checkpoint (or from `fresh`, the initial state, with
-        `stream` at its start) up to `step - 1` are replayed with `train_step`; then the
-        params and optimizer state entering `step`, and the gradients on its batch, are
-        checked leaf by leaf. Checkpoints already written are left as they are.
-        """
-        self._pending = None  # never save the state after a non-finite step
-        self.wait()
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
-        restored = self.restore_latest(fresh, stream)
-        state, start = (restored.state, restored.step) if restored else (fresh, 0)
-        self._log(f"step {step}: non-finite {values}; replaying steps {start + 1}..{step - 1} to find where")
-        for _ in range(start, step - 1):
-            state, _ = train_step(state, next_batch())
-        grads = _nonfinite_grads(self.cfg, state.params, next(stream))
-
-        def names(tree: Any, paths: list[str]) -> str:
-            total = len(jax.tree.leaves(tree))
-            if len(paths) in (0, total):
-                return f"all {total}" if paths else "none"
-            return (
-                ", ".join(paths)
-                if len(paths) <= 8
-                else f"{len(paths)} of {total}: {', '.join(paths[:8])}, ..."
-            )
-
-        last = (
-            f"The last good checkpoint is {self.directory / str(start)}"
-            if restored
-            else "There is no checkpoint"
-        )
-        self._fail(
-            f"step {step} went non-finite ({values}). Non-finite leaves entering step {step}: params: "
-            f"{names(state.params, _nonfinite(state.params))}; optimizer state: "
-            f"{names(state.opt_state, _nonfinite(state.opt_state))}; gradients on step {step}'s batch: "
-            f"{names(state.params, grads)}. {last}."
-        )
-
-
-def _nonfinite_grads(cfg: Config, params: model.Params, batch: dict[str, np.ndarray]) -> list[str]:
-    """Param paths whose gradient on `batch` (this process's rows) is non-finite, on one device."""
-    device = jax.local_devices()[0]
-    params = jax.device_put(jax.device_get(params), device)  # via the host: off the mesh, onto one device
-    grad = jax.jit(jax.grad(lambda p, b: model.token_losses(p, b, cfg.model).sum()))
-    rows, bad = cfg.train.micro_batch_seqs, set()
-    for i in range(0, len(batch["inputs"]), rows):
-        micro = {k: jax.device_put(v[i : i + rows], device) for k, v in batch.items()}
-        bad.update(_nonfinite(grad(params, micro)))
-    return sorted(bad)
-
-
-class StopSignals:
-    """While entered, SIGTERM and SIGINT set `signal` instead of stopping the process.
-
-    The loop polls it at each step boundary, saves a checkpoint and stops, as a
-    cluster pre-emption needs. The first signal restores the previous handlers, so a
-    second one acts as usual (SIGINT raises KeyboardInterrupt). Outside the main
-    thread, where handlers cannot be set, nothing is installed.
-    """
-
-    def __init__(self):
-        self.signal: signal.Signals | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> typing.Self:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        self.signal = signal.Signals(signum)
-        self._restore()
-        # os.write, not print: the signal may have interrupted a print to the same stream.
-        name = self.signal.name
-        os.write(
-            2, f"{name}: stopping at the next step boundary, with a checkpoint ({name} again: now)\n".encode()
-        )
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
 
 
 def load_checkpoint(path: str | Path) -> tuple[Config, model.Params]:

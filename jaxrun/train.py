@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrun import checkpoint, model, optim, sharding
+from jaxrun import checkpoint, loop_control, model, optim, sharding
 from jaxrun import data as data_lib
 from jaxrun.config import Config, ConfigError
 from jaxrun.runlog import RunLog
@@ -276,13 +276,13 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     `resume` names a run dir to continue, from its newest good checkpoint, logging
     into it. SIGTERM and SIGINT save a checkpoint at the next step boundary and
-    return early, with `stopped_by` set (see `jaxrun.checkpoint`).
+    return early, with `stopped_by` set (see `jaxrun.loop_control`).
     """
-    with checkpoint.StopSignals() as stop:
+    with loop_control.StopSignals() as stop:
         return _run(cfg, resume, stop)
 
 
-def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[str, Any]:
+def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     accums = [grad_accum_steps(cfg, mesh.size, stage.batch_seqs) for stage in data_stages(cfg)]
     log = RunLog(cfg, resume)
@@ -331,10 +331,10 @@ def _run(cfg: Config, resume: str | None, stop: checkpoint.StopSignals) -> dict[
     def read_pending():
         log.train_metrics(*pending)
         progress.update(pending[0])
-        if not checkpoint.all_finite(pending[1]):  # stop, naming the leaves that went non-finite
+        if not loop_control.all_finite(pending[1]):  # stop, naming the leaves that went non-finite
             stream.set_state(data_state)
             fresh = init_state(cfg, key, mesh)
-            ckpt.stop_nonfinite(*pending, fresh, stream, compiled, next_batch)
+            loop_control.stop_nonfinite(ckpt, *pending, fresh, stream, compiled, next_batch)
 
     t0 = time.perf_counter()
     for step in range(start, steps + 1):
