@@ -21,9 +21,14 @@ never saved. What stops the loop early (signals, a non-finite loss) is in
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
+import io
 import json
+import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +176,36 @@ def _refusal(step_dir: Path, changes: list[str], devices: int, old: dict, new: d
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text[:160]}"
+
+
+def _try_restore(restore: Callable[[], Any]) -> tuple[Any, str | None]:
+    """`(restore(), None)`, or `(None, a one-line reason)` if it raised, without orbax's noise.
+
+    A read that fails part way leaves orbax's other reads in flight: their tasks, and the
+    TensorStore callbacks into an event loop already closed, print hundreds of lines of
+    tracebacks to stderr (and to the `asyncio` log) as they finish or are collected. That
+    output is held back while the restore runs and, after a failure, until those reads have
+    settled; the caller reports the one-line reason instead.
+    """
+    held = sys.stderr, sys.unraisablehook, sys.excepthook
+    quiet = [logging.getLogger(name) for name in ("asyncio", "absl", "orbax")]
+    disabled = [logger.disabled for logger in quiet]
+    sys.stderr, sys.unraisablehook, sys.excepthook = io.StringIO(), lambda _: None, lambda *_: None
+    for logger in quiet:
+        logger.disabled = True
+    try:
+        try:
+            return restore(), None
+        except Exception as e:  # noqa: BLE001 (a damaged checkpoint may raise anything: OSError, tensorstore's)
+            reason = _short(e)
+        for _ in range(10):  # the reads left in flight finish within milliseconds; collect what they leave
+            gc.collect()
+            time.sleep(0.05)
+        return None, reason
+    finally:
+        sys.stderr, sys.unraisablehook, sys.excepthook = held
+        for logger, was in zip(quiet, disabled, strict=True):
+            logger.disabled = was
 
 
 def step_dirs(directory: str | Path) -> list[Path]:
@@ -353,15 +388,12 @@ class Checkpointer:
         """
         position = stream.get_state()
         for step in reversed(self.manager.all_steps()):
-            try:
-                return self._restore(step, state, stream)
-            # A damaged checkpoint may raise anything: OSError, ValueError, tensorstore's errors.
-            except Exception as e:  # noqa: BLE001
-                dest = self._set_aside(self.directory / str(step))
-                self.manager.reload()
-                self.log(
-                    f"checkpoint {step} is damaged ({_short(e)}); moved it to {dest}, trying the one before"
-                )
+            restored, error = _try_restore(lambda step=step: self._restore(step, state, stream))
+            if error is None:
+                return restored
+            dest = self._set_aside(self.directory / str(step))
+            self.manager.reload()
+            self.log(f"checkpoint {step} is damaged ({error}); moved it to {dest}, trying the one before")
         stream.set_state(position)
         return None
 
@@ -404,7 +436,7 @@ def load_checkpoint(path: str | Path) -> tuple[Config, model.Params]:
     Raises:
       CheckpointError: no checkpoint there reads back whole.
     """
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()  # orbax reads absolute paths only
     if (path / "state").is_dir():
         candidates = [path]
     else:
@@ -413,12 +445,12 @@ def load_checkpoint(path: str | Path) -> tuple[Config, model.Params]:
         )
     errors = []
     for step_dir in candidates:
-        try:
-            return _load_params(step_dir)
-        except Exception as e:  # noqa: BLE001 (a damaged checkpoint: say so and try the one before)
-            errors.append(f"{step_dir}: {_short(e)}")
-            if len(candidates) > 1:
-                print(f"skipping damaged checkpoint {step_dir} ({_short(e)})")
+        loaded, error = _try_restore(lambda step_dir=step_dir: _load_params(step_dir))
+        if error is None:
+            return loaded
+        errors.append(f"{step_dir}: {error}")
+        if len(candidates) > 1:
+            print(f"skipping damaged checkpoint {step_dir} ({error})")
     raise CheckpointError(f"no checkpoint in {path} reads back whole" + "".join(f"\n  {e}" for e in errors))
 
 

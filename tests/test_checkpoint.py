@@ -285,12 +285,50 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(shards, tmp_path):
     assert messages[0].startswith("checkpoint 2.orbax-checkpoint-tmp was never finished")
 
 
-def _saved_init(shards: Path, tmp_path: Path) -> tuple[Path, Config, train.TrainState]:
+_FALL_BACK = """
+import os, sys
+from pathlib import Path
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxrun import checkpoint, train
+from jaxrun.config import Config, TrainConfig
+
+mesh = jax.make_mesh((8,), ("dp",))
+params = {f"w{i}": jax.device_put(jnp.arange(65536.0) + i, NamedSharding(mesh, P("dp"))) for i in range(12)}
+state = train.TrainState(jax.device_put(jnp.int32(1), NamedSharding(mesh, P())), params, ())
+ckpt = checkpoint.Checkpointer(Config(name="t", train=TrainConfig(ckpt_keep=5)), sys.argv[1])
+if sys.argv[2] == "save":
+    for step in (1, 2):
+        ckpt.step_done(step, state._replace(step=state.step * step), checkpoint.Position({}), 0.0, force=True)
+    ckpt.close()
+else:
+    print("restored", ckpt.restore_latest(state, checkpoint.Position({})).step)
+"""
+
+
+def test_a_damaged_checkpoint_falls_back_with_one_line(tmp_path):
+    """Orbax's reads left in flight by a failed restore print hundreds of traceback lines unless held back."""
+
+    def run(*args):
+        cmd = [sys.executable, "-c", _FALL_BACK, str(tmp_path), *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+
+    run("save")
+    arrays = (p for p in (tmp_path / "checkpoints" / "2" / "state").rglob("*") if p.is_file() and "/d/" in str(p))
+    for path in sorted(arrays, key=os.path.getsize)[-3:]:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    done = run("restore")
+    lines = (done.stdout + done.stderr).splitlines()
+    assert lines[0].startswith("checkpoint 2 is damaged ("), lines[:3]
+    assert lines[1:] == ["restored 1"], f"{len(lines)} lines: {lines[:6]}"
+
+
+def _saved_init(shards: Path, tmp_path: Path, step: int = 0) -> tuple[Path, Config, train.TrainState]:
     """A run dir holding one checkpoint, of the initial state (no training, so no train-step compile)."""
     cfg = _config(shards, tmp_path)
     state = train.init_state(cfg, jax.random.key(1), sharding.make_mesh(cfg.mesh))
     ckpt = checkpoint.Checkpointer(cfg, tmp_path / "run", log=lambda line: None)
-    ckpt.step_done(0, state, checkpoint.Position({}), 0.0, force=True)
+    ckpt.step_done(step, state, checkpoint.Position({}), 0.0, force=True)
     ckpt.close()
     return tmp_path / "run", cfg, state
 
@@ -303,6 +341,14 @@ def test_incompatible_config_is_refused(shards, tmp_path):
         launch.main(["--resume", str(run), "--set", "model.model_dim=128", "--compile-cache", ""])
     with pytest.raises(SystemExit, match="--resume takes the config saved in RUN_DIR"):
         launch.main(["--resume", str(run), "--config", "demo"])
+
+
+def test_resuming_past_train_steps_is_refused_before_loading_data(shards, tmp_path):
+    run, _, _ = _saved_init(shards, tmp_path, step=5)
+    # No shards there: a refusal that came after loading data would name them instead.
+    args = ["--resume", str(run), "--set", "data.train_files=/nowhere/*.bin", "--compile-cache", ""]
+    with pytest.raises(SystemExit, match=r"checkpoints/5, is past train.steps=3: set train.steps to 5"):
+        launch.main([*args, "--set", "train.steps=3"])
 
 
 @pytest.mark.slow
@@ -338,9 +384,10 @@ def test_nonfinite_loss_stops_the_run_naming_the_leaves(shards, tmp_path, monkey
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_load_checkpoint_returns_config_and_params(shards, tmp_path):
+def test_load_checkpoint_returns_config_and_params(shards, tmp_path, monkeypatch):
     run, cfg, state = _saved_init(shards, tmp_path)
-    for path in (run, run / "checkpoints" / "0"):  # a run dir, or one step's
+    monkeypatch.chdir(tmp_path)  # orbax wants absolute paths; a relative one must work too
+    for path in (run, run / "checkpoints" / "0", "run", Path("run") / "checkpoints"):
         loaded_cfg, params = jaxrun.load_checkpoint(path)
         assert loaded_cfg == cfg
         assert jax.tree.structure(params) == jax.tree.structure(state.params)
