@@ -454,6 +454,10 @@ class TrainConfig:
     # SIGTERM and SIGINT always save one at the next step boundary.
     ckpt_every: int = 0  # steps between checkpoints, plus one at the end (0: none)
     ckpt_keep: int = 3  # the newest this many are kept
+    # Fine-tuning: start from the params of this run dir's newest good checkpoint (or one step's
+    # dir), with a fresh optimizer, at step 0, in a new run dir. Not a resume (`--resume`).
+    init_from: str | None = None
+    wandb: bool = False  # also log to wandb, offline (`wandb sync` uploads), if wandb is installed
 
     def __post_init__(self):
         _check(self.steps > 0, f"train.steps={self.steps} must be positive")

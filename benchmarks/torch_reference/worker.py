@@ -2,6 +2,7 @@
 
   python -m benchmarks.torch_reference.worker bench DIR          # a bench folder (see jaxrun/bench.py)
   python -m benchmarks.torch_reference.worker parity IN.npz OUT.npz
+  python -m benchmarks.torch_reference.worker record77 IN.npz OUT.npz   # record77_worker.py's protocol
 
 A parity request holds the config (`config`, JSON), the task (`task`),
 jaxrun params under `params/<path>` and token rows under `rows` (`[B, T+1]`
@@ -137,6 +138,12 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["parity"] and len(argv) == 3:
         with np.load(argv[1]) as request:
             np.savez(argv[2], **parity(dict(request)))
+        return 0
+    if argv[:1] == ["record77"] and len(argv) == 3:
+        from benchmarks.torch_reference import record77_worker
+
+        with np.load(argv[1]) as request:
+            np.savez(argv[2], **record77_worker.handle(dict(request)))
         return 0
     print(__doc__, file=sys.stderr)
     return 2
