@@ -196,7 +196,7 @@ def _try_restore(restore: Callable[[], Any]) -> tuple[Any, str | None]:
     try:
         try:
             return restore(), None
-        except Exception as e:  # noqa: BLE001 (a damaged checkpoint may raise anything: OSError, tensorstore's)
+        except Exception as e:  # noqa: BLE001 (a damaged checkpoint may raise anything)
             reason = _short(e)
         for _ in range(10):  # the reads left in flight finish within milliseconds; collect what they leave
             gc.collect()
@@ -466,3 +466,26 @@ def _load_params(step_dir: Path) -> tuple[Config, model.Params]:
         restored = checkpointer.restore(step_dir / "state", args=_restore_args(abstract, partial=True))
     _verify(restored, checksums)
     return cfg, restored["params"]
+
+
+
+def init_params(path: str | None, like: model.Params, log: Callable[[str], None] = print) -> Any:
+    """The params of checkpoint `path`, placed as `like` is, to fine-tune from; None without a path.
+
+    Raises:
+      CheckpointError: nothing there reads back whole.
+      ConfigError: their shapes differ from `like`'s (the model config differs).
+    """
+    if path is None:
+        return None
+    saved_cfg, params = load_checkpoint(path)
+    old, new = _shapes(params), _shapes(like)
+    differ = [f"{p}: {old.get(p, 'absent')} -> {new.get(p, 'absent')}" for p in {**old, **new}]
+    differ = [d for p, d in zip({**old, **new}, differ, strict=True) if old.get(p) != new.get(p)]
+    if differ:
+        raise ConfigError(
+            f"train.init_from={path}: its params do not fit this model; "
+            f"{len(differ)} differ, e.g. {differ[0]}"
+        )
+    log(f"initialized params from {path} (a {saved_cfg.name} run): fresh optimizer, step 0")
+    return jax.tree.map(lambda p, x: jax.device_put(p, x.sharding), params, like)

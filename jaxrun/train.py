@@ -304,6 +304,8 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
 
     key = jax.random.key(cfg.train.seed)
     state = init_state(cfg, key, mesh)
+    # Fine-tuning: a checkpoint's params, a fresh optimizer and step 0 (a resume restores all three).
+    init_params = checkpoint.init_params(cfg.train.init_from, state.params, log.info) if not resume else None
     log.info(
         f"params: {model.count_params(state.params):,}  grad accumulation: {accums}  devices: {mesh.size}"
     )
@@ -322,9 +324,11 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     ckpt.warm_up(state)
     stream.set_state(data_state)
     state = init_state(cfg, key, mesh)
+    state = state if init_params is None else state._replace(params=init_params)
     start, train_ms = 0, 0.0
     if resume:
         state, start, train_ms = ckpt.resume(state, stream)
+        log.rewind(start)  # metrics past the restored step are logged again
     log.info(f"compile: {compile_s:.1f}s for {len(by_shape)} batch shape(s) (excluded from train_time)")
 
     steps, val_loss = cfg.train.steps, float("nan")
