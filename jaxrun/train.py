@@ -288,6 +288,7 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     accums = [grad_accum_steps(cfg, mesh.size, stage.batch_seqs) for stage in data_stages(cfg)]
+    wall_t0, eval_s = time.perf_counter(), 0.0
     log = RunLog(cfg, resume)
     ckpt = checkpoint.Checkpointer(cfg, log.run_dir, log=log.info)
     if resume:  # refuse a config that changes the state's shapes before compiling anything
@@ -348,13 +349,13 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
         last = step == steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
             jax.block_until_ready(state)
-            train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops for eval
+            t0, train_ms = time.perf_counter(), train_ms + 1000 * (time.perf_counter() - t0)  # eval: off the clock
             if pending is not None:
                 read_pending()
                 pending = None
             val_loss = evaluate(eval_step, state.params, val, cfg, mesh)
             log.val(step, val_loss, train_ms, train_ms / step if step else float("nan"))
-            t0 = time.perf_counter()
+            t0, eval_s = time.perf_counter(), eval_s + time.perf_counter() - t0
         if last:
             break
         state, metrics = compiled(state, next_batch())
@@ -385,12 +386,15 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
         "compile_s": compile_s,
         "tokens_per_s": tokens_trained(cfg, steps) / (train_ms / 1000),
         "ckpt_stall_ms": ckpt.stall_ms,
+        "eval_s": eval_s,
     }
-    log.finish(result)
+    t0 = time.perf_counter()
     if cfg.train.sample_tokens:
         from jaxrun import sample
 
         text = sample.generate_text(state.params, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
         log.info("sample:\n" + text)
+    result |= {"sample_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - wall_t0}
+    log.finish(result)
     log.close()
     return {**result, "state": state, "run_dir": str(log.run_dir)}
