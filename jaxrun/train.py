@@ -349,7 +349,8 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
         last = step == steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
             jax.block_until_ready(state)
-            t0, train_ms = time.perf_counter(), train_ms + 1000 * (time.perf_counter() - t0)  # eval: off the clock
+            # the clock stops for eval; t0 now times the eval
+            t0, train_ms = time.perf_counter(), train_ms + 1000 * (time.perf_counter() - t0)
             if pending is not None:
                 read_pending()
                 pending = None
