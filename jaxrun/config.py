@@ -9,6 +9,7 @@ properties. `apply_overrides` turns `--set optim.muon_lr=0.03` strings into
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import types
@@ -393,34 +394,64 @@ class DataConfig:
     val_batch_seqs: int = 64  # sequences per eval forward, per device
     # "contiguous": fixed windows of the token stream (simple, llm.c). "documents":
     # every row starts at a BOS, documents cut to max_doc_len, with segment ids so
-    # attention stays inside a document (records #26-#77).
-    mode: Literal["contiguous", "documents"] = "contiguous"
+    # attention stays inside a document (records #26-#77). "record": record #77's
+    # stream exactly (jaxrun.data.record): batch_seqs rank buffers of seq_len, planned
+    # `ranks` at a time, and val rows of val_seq_len with segment ids from BOS.
+    mode: Literal["contiguous", "documents", "record"] = "contiguous"
     max_doc_len: int | None = None
+    ranks: int = 8  # "record": rank buffers planned together (the source's world size)
+    val_seq_len: int | None = None  # tokens per val row (None: seq_len); record #77: 262,144
     # Later stages as (step, batch_seqs, seq_len, max_doc_len), each switching at its step;
-    # every stage's shape is compiled ahead of time.
+    # every stage's shape is compiled ahead of time. On the command line:
+    # --set 'data.stages=((483, 8, 32768, 2048), (967, 8, 49152, 2048))'
     stages: tuple[tuple[int, int, int, int | None], ...] = ()
     prefetch: int = 2  # batches prepared ahead in a background thread
 
     def __post_init__(self):
         _check_choice("data", "source", self.source, ("shards", "sotu"))
-        _check_choice("data", "mode", self.mode, ("contiguous", "documents"))
-        for name in ("seq_len", "batch_seqs", "val_tokens", "val_batch_seqs"):
+        _check_choice("data", "mode", self.mode, ("contiguous", "documents", "record"))
+        for name in ("seq_len", "batch_seqs", "val_tokens", "val_batch_seqs", "ranks"):
             _check(getattr(self, name) > 0, f"data.{name}={getattr(self, name)} must be positive")
+        _check(
+            self.val_seq_len is None or self.val_seq_len > 0,
+            f"data.val_seq_len={self.val_seq_len} must be positive or None",
+        )
         _check(
             self.max_doc_len is None or self.max_doc_len > 0,
             f"data.max_doc_len={self.max_doc_len} must be positive or None",
         )
-        steps = [stage[0] for stage in self.stages]
         _check(
-            all(len(stage) == 4 and min(stage[:3]) > 0 for stage in self.stages)
-            and steps == sorted(set(steps)),
-            f"data.stages={self.stages} must be (step, batch_seqs, seq_len, max_doc_len) rows with "
-            "positive sizes and increasing steps > 0",
+            _valid_stages(self.stages),
+            f"data.stages={self.stages} must be (step, batch_seqs, seq_len, max_doc_len) rows of ints "
+            "(max_doc_len may be None) with positive sizes and increasing steps > 0",
         )
+        if self.mode == "record":
+            for batch_seqs in (self.batch_seqs, *(stage[1] for stage in self.stages)):
+                _check(
+                    batch_seqs % self.ranks == 0,
+                    f"data.mode='record' plans data.ranks={self.ranks} buffers at a time, "
+                    f"but a stage has batch_seqs={batch_seqs}",
+                )
+
+    @property
+    def val_len(self) -> int:
+        """Tokens per val row."""
+        return self.seq_len if self.val_seq_len is None else self.val_seq_len
 
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_seqs
+
+
+def _valid_stages(stages: Any) -> bool:
+    """Whether `stages` is a tuple of (step, batch_seqs, seq_len, max_doc_len) rows, steps increasing."""
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    if not isinstance(stages, tuple) or not all(isinstance(s, tuple) and len(s) == 4 for s in stages):
+        return False
+    positive = lambda x: is_int(x) and x > 0
+    steps = [s[0] for s in stages]
+    rows_ok = all(all(map(positive, s[:3])) and (s[3] is None or positive(s[3])) for s in stages)
+    return rows_ok and steps == sorted(set(steps))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -514,6 +545,8 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
             if text in typing.get_args(option):
                 return text
             continue
+        if typing.get_origin(option) is tuple:
+            return _parse_tuple(text, key)
         if option is bool:
             if text.lower() in ("true", "1", "yes"):
                 return True
@@ -530,6 +563,21 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
         except ValueError:
             continue
     raise ConfigError(f"--set {key}={text!r}: not a valid value of type {annotation}")
+
+
+def _parse_tuple(text: str, key: str) -> tuple:
+    """A Python literal of nested tuples or lists, as tuples; one bare row `(a, b, ...)` is wrapped."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"--set {key}={text!r}: not a tuple literal; write e.g. {key}='((100, 16, 1024, None),)'"
+        ) from None
+    as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, (tuple, list)) else v
+    value = as_tuple(value)
+    if not isinstance(value, tuple):
+        raise ConfigError(f"--set {key}={text!r}: not a tuple; write e.g. {key}='((100, 16, 1024, None),)'")
+    return (value,) if value and not isinstance(value[0], tuple) else value
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

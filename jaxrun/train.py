@@ -202,7 +202,7 @@ def evaluate(eval_step, params, val: dict[str, np.ndarray], cfg: Config, mesh) -
     for start in range(0, num_chunks * chunk, chunk):
         local = {k: v[start + mine : start + mine + share] for k, v in val.items()}
         total += eval_step(params, sharding.global_batch(local, sharding.eval_sharding(mesh)))
-    return float(total) / (num_chunks * chunk * cfg.data.seq_len)
+    return float(total) / (num_chunks * chunk * val["inputs"].shape[1])
 
 
 def _stack_micro(local: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
@@ -225,20 +225,29 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
         "process_count": jax.process_count(),
         "stages": data_stages(cfg)[1:],
         "prefetch": d.prefetch,
+        "vocab_size": cfg.model.vocab_size,
     }
-    if d.mode == "documents":
+    if d.mode == "record":
+        stream = data_lib.RecordStream(train_files, max_doc_len=d.max_doc_len, ranks=d.ranks, **common)
+    elif d.mode == "documents":
         stream = data_lib.DocumentStream(train_files, max_doc_len=d.max_doc_len, **common)
     else:
         stream = data_lib.TokenStream(train_files, **common)
     chunk = d.val_batch_seqs * mesh.size
-    val_inputs, val_targets = data_lib.val_batches(val_files, num_tokens=d.val_tokens, seq_len=d.seq_len)
+    val_inputs, val_targets = data_lib.val_batches(
+        val_files, num_tokens=d.val_tokens, seq_len=d.val_len, vocab_size=cfg.model.vocab_size
+    )
     if len(val_inputs) < chunk:
         raise ConfigError(
             f"data.val_tokens={d.val_tokens} gives {len(val_inputs)} sequences, fewer than one eval chunk "
             f"of data.val_batch_seqs={d.val_batch_seqs} × {mesh.size} devices"
         )
-    baseline = unigram_loss(data_lib.read_shard(train_files[0]), val_targets, cfg.model.vocab_size)
-    return stream, {"inputs": val_inputs, "targets": val_targets}, baseline
+    first = data_lib.read_shard(train_files[0])
+    data_lib.check_token_ids(first, cfg.model.vocab_size, train_files[0])
+    val = {"inputs": val_inputs, "targets": val_targets}
+    if d.mode == "record":  # record #77 masks val documents too, from the BOS positions in each row
+        val["segment_ids"] = data_lib.segment_ids(val_inputs)
+    return stream, val, unigram_loss(first, val_targets, cfg.model.vocab_size)
 
 
 def data_stages(cfg: Config) -> list[data_lib.Stage]:
@@ -251,7 +260,7 @@ def data_stages(cfg: Config) -> list[data_lib.Stage]:
 
 def _compile_stages(train_step, state: TrainState, cfg: Config, mesh) -> dict[tuple[int, ...], Any]:
     """Compile the step ahead of time for every batch shape in the schedule, keyed by that shape."""
-    keys = ("inputs", "targets", "segment_ids") if cfg.data.mode == "documents" else ("inputs", "targets")
+    keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
     compiled = {}
     for stage in data_stages(cfg):
         accum = grad_accum_steps(cfg, mesh.size, stage.batch_seqs)

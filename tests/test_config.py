@@ -123,3 +123,21 @@ def test_saved_config_round_trips_sub_configs_and_tuples(tmp_path):
     assert "model.attn.windows.block: None -> 128" in config_changes(base, cfg)
     with pytest.raises(ConfigError, match="no checkpoint to resume from"):
         saved_config(tmp_path / "elsewhere")
+
+
+def test_data_stages_parse_from_the_command_line():
+    from jaxrun.config import Config
+
+    cfg = Config(name="t")
+    two = "data.stages=((483, 8, 32768, 2048), [967, 8, 49152, None])"
+    assert apply_overrides(cfg, [two]).data.stages == ((483, 8, 32768, 2048), (967, 8, 49152, None))
+    assert apply_overrides(cfg, ["data.stages=(100, 16, 1024, None)"]).data.stages == ((100, 16, 1024, None),)
+    assert apply_overrides(cfg, ["data.stages=()"]).data.stages == ()
+    with pytest.raises(ConfigError, match=r"--set data.stages='\(\(1': not a tuple literal"):
+        apply_overrides(cfg, ["data.stages=((1"])
+    with pytest.raises(ConfigError, match=r"data.stages=\(\(100, 16, 1024\),\) must be \(step, batch_seqs"):
+        apply_overrides(cfg, ["data.stages=((100, 16, 1024),)"])
+    with pytest.raises(ConfigError, match="rows of ints"):
+        apply_overrides(cfg, ["data.stages=((100, 'a', 1024, None),)"])
+    with pytest.raises(ConfigError, match="ranks=8 buffers at a time, but a stage has batch_seqs=12"):
+        apply_overrides(cfg, ["data.mode=record", "data.stages=((100, 12, 1024, None),)"])

@@ -3,6 +3,7 @@
 - `shards`: the shard file format (read, write, headers, find, unxz).
 - `streams`: the train batchers, contiguous (`TokenStream`) and BOS-aligned
   documents (`DocumentStream`), with stages and exact resume.
+- `record`: record #77's stream, planned rank by rank as its script does (`RecordStream`).
 - `val`: the validation tokens.
 - `fineweb`, `prepare`, `demo_corpus`, `cli`: FineWeb from the hub, your own
   text to shards, the embedded demo corpus, and `launch.py data`.
@@ -16,12 +17,14 @@ from jaxrun.data.shards import (
     VERSION,
     ShardError,
     ShardSource,
+    check_token_ids,
     find_shards,
     read_header,
     read_shard,
     unxz,
     write_shard,
 )
+from jaxrun.data.record import RecordStream
 from jaxrun.data.streams import Batch, DocumentStream, Stage, TokenStream, stage_at
 from jaxrun.data.val import segment_ids, val_batches
 
@@ -34,9 +37,11 @@ __all__ = [
     "Batch",
     "DocumentStream",
     "ShardError",
+    "RecordStream",
     "ShardSource",
     "Stage",
     "TokenStream",
+    "check_token_ids",
     "find_shards",
     "read_header",
     "read_shard",

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from jaxrun.data.fineweb import FINEWEB_MAX_TRAIN, FINEWEB_REPO, DownloadError, download_fineweb
-from jaxrun.data.prepare import prepare
+from jaxrun.data.prepare import prepare, run_flags
 from jaxrun.data.shards import ShardError, unxz
+
+DEFAULT_VAL_TOKENS = 1 << 20  # about offline_english's val shard; small inputs keep all for training
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +38,12 @@ def main(argv: list[str]) -> int:
     pr.add_argument("--out", required=True, help="output directory")
     pr.add_argument("--name", default="data", help="shard file prefix")
     pr.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard")
-    pr.add_argument("--val-tokens", type=int, default=0, help="tokens of leading documents put in val shards")
+    pr.add_argument(
+        "--val-tokens",
+        type=int,
+        default=DEFAULT_VAL_TOKENS,
+        help="tokens of leading documents put in val shards (0: none)",
+    )
     pr.add_argument(
         "--workers", type=int, default=None, help="tokenizer processes (default: all CPUs for big inputs)"
     )
@@ -60,6 +67,7 @@ def main(argv: list[str]) -> int:
             print(
                 f"{m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards at {args.out}"
             )
+            print(f"train on them with:\n  python launch.py --config CONFIG {run_flags(args.out, m, args.name)}")
         else:
             paths = unxz(args.src, args.out)
             print(f"{len(paths)} shards ready in {paths[0].parent}")

@@ -219,6 +219,13 @@ def write_shards(
             for tokens in docs:
                 writer.add(tokens)
             bar.set_postfix(docs=writer.documents, tokens=writer.tokens)
+    if writer.split == "val" and writer.counts["val"] == 0:  # every document fit in the val share
+        writer.split = "train"
+        print(
+            f"only {writer.tokens:,} tokens: too few for val_tokens={val_tokens:,} and a train split; "
+            "all went to train, no val shard written",
+            file=sys.stderr,
+        )
     writer.flush()
     bar.close()
     manifest = {
@@ -281,6 +288,17 @@ class _Pool:
         if self.pool is not None:
             self.pool.terminate() if exc[0] else self.pool.close()
             self.pool.join()
+
+
+def run_flags(out_dir: str | os.PathLike, manifest: dict[str, Any], name: str = "data") -> str:
+    """The `--set` flags that train on the shards `write_shards` made in `out_dir`."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    splits = {shard["split"] for shard in manifest["shards"]}
+    return " ".join(
+        f"--set 'data.{split}_files={out_dir / f'{name}_{split}_*.bin'}'"
+        for split in ("train", "val")
+        if split in splits
+    )
 
 
 def prepare(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, **kwargs) -> dict[str, Any]:

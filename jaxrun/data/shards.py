@@ -96,18 +96,25 @@ def find_shards(pattern: str) -> list[Path]:
 class ShardSource(grain.sources.RandomAccessDataSource):
     """grain data source: item i is shard i's tokens, memory-mapped; headers checked up front."""
 
-    def __init__(self, files: Sequence[str | os.PathLike]):
+    def __init__(self, files: Sequence[str | os.PathLike], vocab_size: int | None = None):
         if not files:
             raise ShardError("no shard files given")
         self.files = tuple(Path(f) for f in files)
         self.num_tokens = tuple(read_header(f) for f in self.files)
+        self.vocab_size = vocab_size
         self._bos: dict[int, np.ndarray] = {}
+        self._checked: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return read_shard(self.files[index])
+        """Shard `index`'s tokens; the first access checks them against `vocab_size`, if given."""
+        tokens = read_shard(self.files[index])
+        if self.vocab_size is not None and index not in self._checked:
+            check_token_ids(tokens, self.vocab_size, self.files[index])
+            self._checked.add(index)
+        return tokens
 
     def bos_positions(self, index: int) -> np.ndarray:
         """Offsets of every BOS token in shard `index` (the last two shards' are kept)."""
@@ -115,6 +122,20 @@ class ShardSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"ShardSource({len(self.files)} files, {sum(self.num_tokens):,} tokens)"
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike) -> None:
+    """ShardError naming `path` and the first id if any token is outside the model's vocabulary.
+
+    An out-of-range id would otherwise index past the embedding table, which XLA
+    clamps silently.
+    """
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        at = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(
+            f"{path}: token id {int(tokens[at])} at position {at:,} is outside the vocabulary "
+            f"(model.vocab_size={vocab_size}); were these shards made with another tokenizer?"
+        )
 
 
 def cached(cache: dict, key: Any, compute: Callable[[], Any], size: int = 2) -> Any:

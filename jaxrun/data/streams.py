@@ -1,6 +1,7 @@
 """Train batches from token shards, through a grain pipeline.
 
-Two batchers walk the shards in order and wrap to a new epoch at the end:
+Two batchers walk the shards in order and wrap to a new epoch at the end,
+logging a warning each time (the reference scripts stop instead):
 
 - `TokenStream` cuts the stream into contiguous `[B, T]` windows, exactly as
   `train_gpt_simple.py` and llm.c read it.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import itertools
+import logging
 import os
 import weakref
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ import numpy as np
 from jaxrun.data.shards import BOS, ShardSource, cached
 
 Batch = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,6 +116,11 @@ class _BatchIterator(grain.DatasetIterator):
             self._cur.shard += 1
             if self._cur.shard == len(self._ds.source):
                 self._cur.shard, self._cur.epoch = 0, self._cur.epoch + 1
+                log.warning(
+                    "train data: all %d shards used after %d batches; starting over from the first "
+                    "shard (epoch %d). The reference script would stop here.",
+                    len(self._ds.source), self._cur.step, self._cur.epoch + 1,
+                )
         raise ValueError(
             f"no shard of {self._ds.source} holds one batch of {stage}; use smaller batches or more data"
         )
@@ -134,11 +142,12 @@ class _BatchDataset(grain.IterDataset):
         process_index: int,
         process_count: int,
         seed: int | None,
+        vocab_size: int | None = None,
     ):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.stages = _check_stages(stages, process_count)
-        self.source = ShardSource(files)
+        self.source = ShardSource(files, vocab_size)
         super().__init__(grain.MapDataset.source(self.source))
         self.process_index, self.process_count, self.seed = process_index, process_count, seed
 
@@ -288,6 +297,8 @@ class TokenStream(_Stream):
       seed: None walks shards in sorted order every epoch; an int permutes them
         per epoch, deterministically.
       prefetch: batches prepared ahead in a background thread (0: none).
+      vocab_size: if given, a shard holding an id >= it raises ShardError when
+        the walk first reaches it.
 
     Yields:
       `{"inputs", "targets"}`, int32 `[b, T]`.
@@ -304,9 +315,10 @@ class TokenStream(_Stream):
         stages: Sequence[Stage] = (),
         seed: int | None = None,
         prefetch: int = 2,
+        vocab_size: int | None = None,
     ):
         stages = _stages(batch_seqs, seq_len, None, stages)
-        super().__init__(_Contiguous(files, stages, process_index, process_count, seed), prefetch)
+        super().__init__(_Contiguous(files, stages, process_index, process_count, seed, vocab_size), prefetch)
 
 
 class DocumentStream(_Stream):
@@ -323,7 +335,7 @@ class DocumentStream(_Stream):
 
     Args:
       files, batch_seqs, seq_len, process_index, process_count, stages, seed,
-        prefetch: as for `TokenStream`.
+        prefetch, vocab_size: as for `TokenStream`.
       max_doc_len: longest document piece at stage 0 (None: uncut).
 
     Yields:
@@ -344,6 +356,9 @@ class DocumentStream(_Stream):
         stages: Sequence[Stage] = (),
         seed: int | None = None,
         prefetch: int = 2,
+        vocab_size: int | None = None,
     ):
         stages = _stages(batch_seqs, seq_len, max_doc_len, stages)
-        super().__init__(_Documents(files, stages, process_index, process_count, seed), prefetch)
+        super().__init__(
+            _Documents(files, stages, process_index, process_count, seed, vocab_size), prefetch
+        )

@@ -104,7 +104,10 @@ def test_fineweb_download(tmp_path, hub):
 
 
 def test_fineweb_download_resumes(tmp_path, hub, monkeypatch):
-    import huggingface_hub
+    # The submodules by name: huggingface_hub 2.x loads them lazily, so attribute access fails
+    # unless something else imported them first.
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
 
     repo, url, handler = hub
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # small files, small chunks

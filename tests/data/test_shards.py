@@ -73,3 +73,15 @@ def test_unxz(tmp_path):
     (src / "MANIFEST.json").write_text(json.dumps({"shards": shards}))
     with pytest.raises(data.ShardError, match="train_000001.bin: sha256"):
         data.unxz(src, tmp_path / "out")
+
+
+def test_ids_outside_the_vocabulary_are_named(tmp_path, shards):
+    bad = tmp_path / "toy_train_000009.bin"
+    data.write_shard(bad, np.array([BOS, 5, 60000, *range(30)], np.uint16))
+    with pytest.raises(data.ShardError, match=r"toy_train_000009.bin: token id 60000 at position 2 .*50304"):
+        data.ShardSource([bad], vocab_size=50304)[0]
+    assert data.ShardSource([bad])[0][2] == 60000  # no vocabulary, no check
+    stream = data.TokenStream([*shards, bad], batch_seqs=1, seq_len=8, vocab_size=50304, prefetch=3)
+    with stream, pytest.raises(data.ShardError, match="token id 60000"):
+        for _ in range(10_000):  # the walk reaches the bad shard last, in the prefetch thread
+            next(stream)

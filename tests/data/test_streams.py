@@ -311,3 +311,16 @@ def test_orbax_saves_and_restores_the_stream(shards, tmp_path):
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
     manager.close()
+
+
+def test_wrapping_to_a_new_epoch_is_logged(shards, caplog):
+    per_epoch = sum((len(data.read_shard(f)) - 2) // 50 for f in shards)
+    with caplog.at_level("WARNING", logger="jaxrun.data"):
+        with data.TokenStream(shards, batch_seqs=1, seq_len=50, prefetch=0) as stream:
+            for _ in range(per_epoch):
+                next(stream)
+            assert not caplog.records
+            next(stream)
+    (record,) = caplog.records
+    assert f"all 3 shards used after {per_epoch} batches" in record.getMessage()
+    assert "(epoch 2)" in record.getMessage() and record.levelname == "WARNING"
