@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
 
         return cli.main(argv[1:])
     if argv[:1] == ["bench"]:
-        from jaxrun import bench
+        from benchmarks import bench
 
         return bench.main(argv[1:], load_config)
     args = parse_args(argv)

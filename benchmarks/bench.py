@@ -13,16 +13,14 @@ step's time and loss) and `loss.png` (both loss curves against steps).
 MFU counts the model FLOPs of `jaxrun.model.flops_per_token` against
 `--peak-tflops` (686: the bf16 matmul ceiling measured on our H100).
 
-At module level this file imports only the standard library, numpy and
-`jaxrun.config`: the PyTorch worker (`benchmarks/torch_reference/worker.py`)
+At module level this file imports only the standard library, numpy,
+`jaxrun.config` and `benchmarks.torch_reference`: the PyTorch worker (`benchmarks/torch_reference/worker.py`)
 imports its helpers from an interpreter that may have no JAX.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib.util
 import json
 import os
 import resource
@@ -30,47 +28,16 @@ import statistics
 import subprocess
 import sys
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxrun.config import Config, ConfigError, apply_overrides
+from benchmarks.torch_reference import REPO, TORCH_PYTHON_ENV, torch_python
+from jaxrun.config import Config, ConfigError, apply_overrides, config_from_dict
 
-REPO = Path(__file__).resolve().parent.parent
-TORCH_PYTHON_ENV = "JAXRUN_TORCH_PYTHON"
 FRAMEWORKS = ("jax", "torch")
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """A `Config` from `json.loads(cfg.to_json())`: sections rebuilt, JSON lists back to tuples."""
-    return _from_json(d, Config)
-
-
-def _from_json(value: Any, hint: Any) -> Any:
-    if dataclasses.is_dataclass(hint):
-        hints = typing.get_type_hints(hint)
-        return hint(**{k: _from_json(v, hints[k]) for k, v in value.items()})
-    if isinstance(value, list):
-        if typing.get_origin(hint) is not tuple:  # e.g. `tuple[...] | None`: take the tuple
-            hint = next((h for h in typing.get_args(hint) if typing.get_origin(h) is tuple), hint)
-        args = typing.get_args(hint) or (Any, Ellipsis)
-        if args[1:] == (Ellipsis,):  # tuple[X, ...]
-            args = args[:1] * len(value)
-        return tuple(_from_json(v, h) for v, h in zip(value, args, strict=True))
-    return value
-
-
-def torch_python() -> str | None:
-    """An interpreter that can import torch: $JAXRUN_TORCH_PYTHON, this one, or ./.venv-torch's."""
-    if os.environ.get(TORCH_PYTHON_ENV):
-        return os.environ[TORCH_PYTHON_ENV]
-    if importlib.util.find_spec("torch") is not None:
-        return sys.executable
-    local = REPO / ".venv-torch" / "bin" / "python"
-    return str(local) if local.exists() else None
 
 
 def split_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +163,7 @@ def run_jax(work: Workdir) -> dict[str, Any]:
         "framework": "jax",
         "version": f"jax {jax.__version__}",
         "device": f"{mesh.size}× {device.device_kind}",
-        "attention": f"attention_impl={cfg.model.attention_impl}",
+        "attention": f"attention={cfg.model.kernels.attention}",
         "compiler": "XLA (jit, compiled ahead of time)",
         "precision": f"{cfg.model.compute_dtype} activations, float32 weights cast at use",
         "compile_s": compile_s,
@@ -221,7 +188,7 @@ def warm_up(step: Callable[[int], float], n: int) -> list[float]:
 def _run_worker(framework: str, work: Workdir, torch_python: str) -> None:
     """Run one framework in a fresh process; its result lands in `work.result(framework)`."""
     if framework == "jax":
-        cmd = [sys.executable, "-m", "jaxrun.bench", "--worker", str(work.path)]
+        cmd = [sys.executable, "-m", "benchmarks.bench", "--worker", str(work.path)]
     else:
         cmd = [torch_python, "-m", "benchmarks.torch_reference.worker", "bench", str(work.path)]
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -402,5 +369,5 @@ def _worker_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["--worker"]:
-        raise SystemExit("usage: python -m jaxrun.bench --worker DIR (the driver is `launch.py bench`)")
+        raise SystemExit("usage: python -m benchmarks.bench --worker DIR (the driver is `launch.py bench`)")
     sys.exit(_worker_main(sys.argv[2:]))

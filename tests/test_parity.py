@@ -7,7 +7,7 @@ three full optimizer steps (micro-batched, scheduled, Muon and Adam).
 
 The torch side runs in this process when it has torch; otherwise in the
 interpreter named by $JAXRUN_TORCH_PYTHON or found at ./.venv-torch (see
-`jaxrun.bench.torch_python`), through `benchmarks.torch_reference.worker`.
+`benchmarks.torch_reference.torch_python`), through `benchmarks.torch_reference.worker`.
 Without either, the tests that need torch skip.
 """
 
@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 
 import launch
-from benchmarks.torch_reference import convert
-from jaxrun import bench, model, optim, sharding, train
-from jaxrun.config import MeshConfig
+from benchmarks import bench
+from benchmarks.torch_reference import REPO, TORCH_PYTHON_ENV, convert, torch_python
+from jaxrun import model, optim, sharding, train
+from jaxrun.config import MeshConfig, config_from_dict
 
 RECIPES = ("simple", "gpt2_llmc")
 STEPS = 3
@@ -92,9 +93,9 @@ def run_torch(cfg, task: str, params: dict[str, np.ndarray], rows: np.ndarray | 
         from benchmarks.torch_reference import worker
 
         return worker.parity(request)
-    python = bench.torch_python()
+    python = torch_python()
     if python is None:
-        pytest.skip(f"no torch here: set ${bench.TORCH_PYTHON_ENV} or create ./.venv-torch")
+        pytest.skip(f"no torch here: set ${TORCH_PYTHON_ENV} or create ./.venv-torch")
     return _run_torch_process(python, request)
 
 
@@ -105,9 +106,9 @@ def _run_torch_process(python: str, request: dict) -> dict:
         req, out = os.path.join(tmp, "request.npz"), os.path.join(tmp, "answer.npz")
         np.savez(req, **request)
         # one thread: the models are tiny, and torch's spinning threads crawl on a busy 2-core machine
-        env = dict(os.environ, PYTHONPATH=str(bench.REPO), OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         cmd = [python, "-m", "benchmarks.torch_reference.worker", "parity", req, out]
-        done = subprocess.run(cmd, check=False, cwd=bench.REPO, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode:
             sys.stderr.write(done.stderr)
             raise RuntimeError(f"the torch worker failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -161,7 +162,7 @@ def test_twin_groups_follow_param_table(recipe):
 def test_config_survives_json():
     for recipe in RECIPES:
         cfg = tiny(recipe)
-        assert bench.config_from_dict(json.loads(cfg.to_json())) == cfg
+        assert config_from_dict(json.loads(cfg.to_json())) == cfg
 
 
 # --- the two frameworks side by side --------------------------------------------------------
@@ -269,7 +270,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
             val_tokens=2048,
         ),
     )
-    with_torch = bench.torch_python() is not None
+    with_torch = torch_python() is not None
     out = tmp_path / "bench"
     argv = ["--steps", "4", "--warmup-steps", "1", "--val-every", "2", "--out", str(out)]
     argv += ["--compare", "torch", "--no-torch-compile"] if with_torch else []

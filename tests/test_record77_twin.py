@@ -13,19 +13,19 @@ import subprocess
 import numpy as np
 import pytest
 
+from benchmarks import torch_reference
 from benchmarks.torch_reference import record77_convert as convert
-from jaxrun import bench
 
 CONFIG = dict(vocab_size=256, model_dim=96, num_heads=6, head_dim=16, max_seq_len=64, block_size=8)
 T, RANKS = 32, 2
 
 
 def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    python = bench.torch_python()
+    python = torch_reference.torch_python()
     if python is None:
-        pytest.skip(f"no torch here: set ${bench.TORCH_PYTHON_ENV} or create ./.venv-torch")
-    env = dict(os.environ, PYTHONPATH=str(bench.REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run([python, "-m", *args], cwd=bench.REPO, env=env, capture_output=True, text=True, check=False)
+        pytest.skip(f"no torch here: set ${torch_reference.TORCH_PYTHON_ENV} or create ./.venv-torch")
+    env = dict(os.environ, PYTHONPATH=str(torch_reference.REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run([python, "-m", *args], cwd=torch_reference.REPO, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

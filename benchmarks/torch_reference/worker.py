@@ -1,6 +1,6 @@
 """The PyTorch side of `launch.py bench` and of tests/test_parity.py, run as its own process.
 
-  python -m benchmarks.torch_reference.worker bench DIR          # a bench folder (see jaxrun/bench.py)
+  python -m benchmarks.torch_reference.worker bench DIR          # a bench folder (see benchmarks/bench.py)
   python -m benchmarks.torch_reference.worker parity IN.npz OUT.npz
   python -m benchmarks.torch_reference.worker record77 IN.npz OUT.npz   # record77_worker.py's protocol
 
@@ -10,7 +10,7 @@ for "grads", `[steps, B, T+1]` for "train"). "init" answers the twin's own
 initial params; "grads" the loss and the gradient of the loss the recipe
 differentiates; "train" the train loss and params after each step. Arrays
 cross as numpy, laid out as jaxrun's params. It needs torch and numpy only
-(plus `jaxrun.config` and the helpers of `jaxrun.bench`, which import no
+(plus `jaxrun.config` and the helpers of `benchmarks.bench`, which import no
 JAX), so it also runs in a CPU-only torch interpreter other than jaxrun's.
 """
 
@@ -23,9 +23,10 @@ import sys
 import numpy as np
 import torch
 
+from benchmarks.bench import Workdir, peak_host_memory, split_rows, timed_loop, warm_up
 from benchmarks.torch_reference import model as twin
 from benchmarks.torch_reference import optim, train
-from jaxrun.bench import Workdir, config_from_dict, peak_host_memory, split_rows, timed_loop, warm_up
+from jaxrun.config import config_from_dict
 
 _SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
@@ -78,7 +79,7 @@ def _set_attention(backend: str) -> str:
 
 
 def bench(work: Workdir) -> dict:
-    """Train the twin on the bench folder's batches; the result `jaxrun.bench` tabulates."""
+    """Train the twin on the bench folder's batches; the result `benchmarks.bench` tabulates."""
     cfg, settings = work.load()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attention = _set_attention(settings["torch_attention"])
