@@ -233,6 +233,15 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
         stream = data_lib.DocumentStream(train_files, max_doc_len=d.max_doc_len, **common)
     else:
         stream = data_lib.TokenStream(train_files, **common)
+    val = load_val(cfg, mesh, val_files)
+    first = data_lib.read_shard(train_files[0])
+    data_lib.check_token_ids(first, cfg.model.vocab_size, train_files[0])
+    return stream, val, unigram_loss(first, val["targets"], cfg.model.vocab_size)
+
+
+def load_val(cfg: Config, mesh, val_files: list) -> dict[str, np.ndarray]:
+    """The val rows `evaluate` scores, from `val_files`; ConfigError if they fill no eval chunk."""
+    d = cfg.data
     chunk = d.val_batch_seqs * mesh.size
     val_inputs, val_targets = data_lib.val_batches(
         val_files, num_tokens=d.val_tokens, seq_len=d.val_len, vocab_size=cfg.model.vocab_size
@@ -242,12 +251,10 @@ def _load_data(cfg: Config, mesh) -> tuple[Any, dict[str, np.ndarray], float]:
             f"data.val_tokens={d.val_tokens} gives {len(val_inputs)} sequences, fewer than one eval chunk "
             f"of data.val_batch_seqs={d.val_batch_seqs} × {mesh.size} devices"
         )
-    first = data_lib.read_shard(train_files[0])
-    data_lib.check_token_ids(first, cfg.model.vocab_size, train_files[0])
     val = {"inputs": val_inputs, "targets": val_targets}
     if d.mode == "record":  # record #77 masks val documents too, from the BOS positions in each row
         val["segment_ids"] = data_lib.segment_ids(val_inputs)
-    return stream, val, unigram_loss(first, val_targets, cfg.model.vocab_size)
+    return val
 
 
 def data_stages(cfg: Config) -> list[data_lib.Stage]:
