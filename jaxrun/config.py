@@ -356,6 +356,15 @@ class OptimConfig:
     grad_clip_norm: float | None = None
     # The speedrun differentiates the summed token loss; llm.c the mean.
     loss_reduction: Literal["sum", "mean"] = "sum"
+    # NorMuon's EMA rate (muon_scaling="normuon"); record #77 uses 0.95.
+    muon_normuon_b2: float = 0.9
+    # Row-table optimizer (record_optim.make_record_optimizer, record #77): each
+    # param's row gives lr_mul, wd_mul and Adam betas; these give the rest.
+    adam_lr: float = 0.008  # base Adam lr: a leaf's lr is adam_lr · s(step) · row.lr_mul
+    adam_every: int = 1  # Adam steps on every n-th step, on the grads summed since its last one
+    muon_momentum_cooldown_steps: int = 0  # momentum falls back to warmup_from over the last n steps
+    lr_stage_muls: tuple[float, ...] = ()  # equal-length lr stages over the scheduled steps
+    extension_steps: int = 0  # steps after the scheduled ones, at final_lr_frac
 
     def __post_init__(self):
         node = "optim"
@@ -375,6 +384,15 @@ class OptimConfig:
         _check(
             self.grad_clip_norm is None or self.grad_clip_norm > 0,
             f"optim.grad_clip_norm={self.grad_clip_norm} must be positive or None",
+        )
+        _check(0 <= self.muon_normuon_b2 < 1, f"optim.muon_normuon_b2={self.muon_normuon_b2} not in [0, 1)")
+        _check(self.adam_lr >= 0, f"optim.adam_lr={self.adam_lr} must be >= 0")
+        _check(self.adam_every >= 1, f"optim.adam_every={self.adam_every} must be >= 1")
+        for name in ("muon_momentum_cooldown_steps", "extension_steps"):
+            _check(getattr(self, name) >= 0, f"optim.{name}={getattr(self, name)} must be >= 0")
+        _check(
+            all(m > 0 for m in self.lr_stage_muls),
+            f"optim.lr_stage_muls={self.lr_stage_muls} must all be positive",
         )
 
 

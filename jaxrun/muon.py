@@ -59,6 +59,7 @@ def newton_schulz(
     eps: float = 1e-7,
     *,
     dtype: jnp.dtype = jnp.bfloat16,
+    round_first: bool = False,
 ) -> jax.Array:
     """Approximates the polar factor ``U Vᵀ`` of each matrix in ``x``.
 
@@ -73,6 +74,10 @@ def newton_schulz(
         1e-7 with the simple and quintic schedules, 1e-6 with Polar Express.
       dtype: the dtype of the iteration: bf16 as in the speedrun, or float32
         (matmuls at ``Precision.HIGHEST``) for reference checks.
+      round_first: round ``x`` to ``dtype`` before taking its norm and
+        dividing, as record #77's ``polar_express`` does (it casts the
+        momentum to bf16 first); otherwise the norm comes from the fp32
+        values and ``x`` is rounded once, after the division.
 
     Returns:
       An array with the shape and dtype of ``x``.
@@ -81,8 +86,9 @@ def newton_schulz(
         raise ValueError(f"newton_schulz needs a [..., m, n] array, got shape {x.shape}")
     tall = x.shape[-2] > x.shape[-1]
     y = jnp.swapaxes(x, -1, -2) if tall else x
-    # The norm comes from the fp32 values; only the iteration runs in `dtype`.
-    y32 = y.astype(jnp.float32)
+    # The norm comes from the fp32 values (or from their `dtype` rounding); only
+    # the iteration runs in `dtype`.
+    y32 = (y.astype(dtype) if round_first else y).astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(y32), axis=(-2, -1), keepdims=True))
     y = (y32 / (norm * coeffs.safety + eps)).astype(dtype)
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
@@ -163,6 +169,8 @@ def scale_by_muon(
     normuon_b2: float = 0.9,
     eps: float = 1e-7,
     ns_dtype: jnp.dtype = jnp.bfloat16,
+    ns_round_first: bool = False,
+    shape_factor: bool = True,
 ) -> optax.GradientTransformation:
     """Momentum, then orthogonalization, then shape or NorMuon scaling.
 
@@ -193,6 +201,10 @@ def scale_by_muon(
       normuon_b2: NorMuon's EMA rate. Record #77 (2026-03-06) uses 0.95.
       eps: added to the Frobenius norm before Newton–Schulz.
       ns_dtype: the Newton–Schulz dtype; bf16 except in reference checks.
+      ns_round_first: passed to ``newton_schulz`` as ``round_first``.
+      shape_factor: multiply by ``sqrt(max(1, fan_out / fan_in))``. Off when
+        the caller scales each leaf itself (record #77's param table gives
+        ``w_down`` [F, D] the same factor 2 as ``w_up`` [D, F]).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a ``MuonState``.
@@ -229,10 +241,11 @@ def scale_by_muon(
         g32, m32 = g.astype(jnp.float32), m.astype(jnp.float32)
         m32 = m32 + (1.0 - beta) * (g32 - m32)
         u = g32 + beta * (m32 - g32) if nesterov else m32
-        o = newton_schulz(u, coeffs, eps, dtype=ns_dtype)
+        o = newton_schulz(u, coeffs, eps, dtype=ns_dtype, round_first=ns_round_first)
         if use_normuon:
             o, nu = _normuon(o, nu, normuon_b2)
-        o = o * shape_scale(g.shape)
+        if shape_factor:
+            o = o * shape_scale(g.shape)
         return o.astype(g.dtype), m32.astype(m.dtype), nu
 
     def update_fn(updates, state, params=None):

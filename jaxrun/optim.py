@@ -119,6 +119,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
             momentum=_muon_momentum(o),
             ns=o.muon_ns,
             scaling=o.muon_scaling,
+            normuon_b2=o.muon_normuon_b2,
             ns_dtype=jnp.dtype(o.muon_ns_dtype),
         )
     return optax.partition(transforms, param_labels)

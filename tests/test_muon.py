@@ -420,3 +420,22 @@ def test_rejects_vectors_and_unknown_options():
         jm.scale_by_muon(scaling="adafactor")
     with pytest.raises(ValueError, match="weight_decay_mode"):
         jm.muon(0.1, weight_decay_mode="l2")
+
+
+def test_round_first_and_shape_factor_switches():
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.standard_normal((2, 24, 40)), jnp.float32)
+    c = jm.NS_PRESETS["polar_express"]
+    # In float32 rounding first changes nothing; in bf16 it changes the input's last bits only.
+    f32 = jm.newton_schulz(x, c, dtype=jnp.float32)
+    chex.assert_trees_all_equal(jm.newton_schulz(x, c, dtype=jnp.float32, round_first=True), f32)
+    bf = jm.newton_schulz(x, c, round_first=True)
+    assert not np.array_equal(bf, jm.newton_schulz(x, c))
+    assert float(jnp.linalg.norm(bf - f32) / jnp.linalg.norm(f32)) < 0.05
+    # Without the shape factor the update is the scaled one divided by sqrt(fan_out / fan_in).
+    grads = {"w": jnp.asarray(rng.standard_normal((2, 16, 64)), jnp.float32)}
+    on = jm.scale_by_muon(scaling="normuon", ns_dtype=jnp.float32)
+    off = jm.scale_by_muon(scaling="normuon", ns_dtype=jnp.float32, shape_factor=False)
+    u_on, _ = on.update(grads, on.init(grads))
+    u_off, _ = off.update(grads, off.init(grads))
+    chex.assert_trees_all_close(u_off["w"] * 2.0, u_on["w"], rtol=1e-6)
