@@ -339,7 +339,7 @@ def test_incompatible_config_is_refused(shards, tmp_path):
         SystemExit, match=r"(?s)model.model_dim: 64 -> 128.*params/blocks/attn/w_k: \(2, 64, 64\)"
     ):
         launch.main(["--resume", str(run), "--set", "model.model_dim=128", "--compile-cache", ""])
-    with pytest.raises(SystemExit, match="--resume takes the config saved in RUN_DIR"):
+    with pytest.raises(SystemExit, match="--resume takes the config and params saved in RUN_DIR"):
         launch.main(["--resume", str(run), "--config", "demo"])
 
 
