@@ -131,7 +131,7 @@ class _Sinks:
         try:
             import wandb
         except ImportError:
-            self._info("train.wandb is on, but wandb is not installed (pip install wandb): not logging to it")
+            self._info("train.wandb is on, but wandb is not installed (pip install wandb): skipping it")
             return
         self._wandb = wandb.init(
             project="jaxrun",

@@ -1,0 +1,134 @@
+"""Run logs: metrics that survive a kill and a resume, TensorBoard and wandb, plain progress lines."""
+
+import dataclasses
+import json
+import struct
+import sys
+import types
+
+from jaxrun.config import Config, DataConfig, TrainConfig
+from jaxrun.runlog import RunLog
+
+
+def _cfg(tmp_path, **train) -> Config:
+    return Config(
+        name="t",
+        data=DataConfig(seq_len=64, batch_seqs=8),
+        train=TrainConfig(steps=40, out_dir=str(tmp_path), progress=False, **train),
+    )
+
+
+def _lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _log_steps(log: RunLog, steps: range, val_every: int = 3) -> None:
+    for step in steps:
+        if step % val_every == 0:
+            log.val(step, 5.0 - step / 10, 10.0 * step, 10.0)
+        log.train_metrics(step + 1, {"train_loss": 6.0 - step / 10, "lr_factor": 1.0})
+
+
+def test_metrics_reach_the_file_as_they_are_logged(tmp_path):
+    """A process killed with -9 never closes its files: each record must be in the file already."""
+    log = RunLog(_cfg(tmp_path))
+    _log_steps(log, range(4))
+    assert [r["step"] for r in _lines(log.run_dir)] == [0, 1, 2, 3, 3, 4]
+
+
+def test_a_resume_drops_the_records_past_its_step(tmp_path):
+    log = RunLog(_cfg(tmp_path))
+    _log_steps(log, range(8))  # train 1..8, val at 0, 3, 6
+    log.close()
+    (log.run_dir / "metrics.jsonl").open("a").write('{"step": 9, "train_lo')  # torn by a kill
+    resumed = RunLog(_cfg(tmp_path), run_dir=log.run_dir)
+    resumed.rewind(6)  # the checkpoint of step 6: val at 6 runs again, train 7.. follow
+    _log_steps(resumed, range(6, 9))
+    resumed.close()
+    records = _lines(log.run_dir)
+    train = [r["step"] for r in records if "train_loss" in r]
+    val = [r["step"] for r in records if "val_loss" in r]
+    assert train == list(range(1, 10)) and val == [0, 3, 6]  # each once: the loss plot cannot zig-zag
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in records]
+
+
+def _events(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Scalars from the TensorBoard event files, read through their TFRecord framing."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted((run_dir / "tensorboard").iterdir()):
+        raw, at = path.read_bytes(), 0
+        while at < len(raw):
+            (length,) = struct.unpack("<Q", raw[at : at + 8])
+            event = event_pb2.Event.FromString(raw[at + 12 : at + 12 + length])
+            at += 16 + length
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_gets_losses_lr_and_throughput(tmp_path):
+    log = RunLog(_cfg(tmp_path))
+    _log_steps(log, range(7))
+    log.close()
+    scalars = _events(log.run_dir)
+    assert [s for s, _ in scalars["loss/train"]] == list(range(1, 8))
+    assert [(s, round(v, 4)) for s, v in scalars["loss/val"]] == [(0, 5.0), (3, 4.7), (6, 4.4)]
+    assert scalars["train/lr_factor"][0] == (1, 1.0)
+    tokens_per_s = 3 * 512 / 0.03  # 3 steps of 8 x 64 tokens in 30 ms
+    assert [s for s, _ in scalars["perf/tokens_per_s"]] == [3, 6]
+    assert abs(scalars["perf/tokens_per_s"][0][1] - tokens_per_s) < 1
+
+
+def test_wandb_logs_offline_when_on(tmp_path, monkeypatch):
+    calls = []
+    run = types.SimpleNamespace(log=lambda values, step: calls.append((step, values)), finish=lambda: None)
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(kwargs) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = RunLog(_cfg(tmp_path, wandb=True))
+    _log_steps(log, range(2))
+    log.close()
+    init = calls[0]
+    assert init["mode"] == "offline" and init["dir"] == str(log.run_dir) and init["config"]["name"] == "t"
+    assert calls[1:] == [
+        (0, {"loss/val": 5.0, "perf/train_time_ms": 0.0}),
+        (1, {"loss/train": 6.0, "train/lr_factor": 1.0}),
+        (2, {"loss/train": 5.9, "train/lr_factor": 1.0}),
+    ]
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # on, but not installed: one line, no error
+    log = RunLog(_cfg(tmp_path / "b", wandb=True))
+    _log_steps(log, range(1))
+    log.close()
+    assert "wandb is not installed" in (log.run_dir / "log.txt").read_text()
+
+
+def test_plain_progress_lines_carry_throughput_and_eta(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    log = RunLog(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=True)))
+    progress = log.progress(40)  # not a terminal under pytest: a line every 2 steps
+    for step in range(1, 41):
+        progress.update(step)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step:")]
+    assert len(lines) == 20 and lines[-1].startswith("step:40/40 train_loss:nan tok/s:")
+    assert " eta:" in lines[0] and lines[-1].endswith(" eta:0s")
+
+
+def test_the_last_line_reports_every_time(tmp_path, capsys):
+    log = RunLog(_cfg(tmp_path))
+    result = {
+        "val_loss": 4.0,
+        "unigram_val_loss": 7.0,
+        "step_avg_ms": 10.0,
+        "tokens_per_s": 1000.0,
+        "train_time_ms": 400.0,
+        "compile_s": 2.0,
+        "eval_s": 0.5,
+        "sample_s": 0.3,
+        "wall_s": 9.0,
+    }
+    log.finish(result)
+    last = capsys.readouterr().out.splitlines()[-2]
+    assert last == "time: train 0.4s · compile 2.0s · eval 0.5s · sample 0.3s · total 9.0s wall"
