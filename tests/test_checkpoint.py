@@ -76,8 +76,8 @@ def shards(tmp_path_factory) -> Path:
     return tmp
 
 
-def _records(run_dir: Path, skip: int = 0) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[skip:]]
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _losses(records: list[dict], key: str = "train_loss") -> dict[int, float]:
@@ -130,6 +130,13 @@ def _copy_run(run_dir: Path, dest: Path, keep_through: int) -> Path:
     return copy
 
 
+def _assert_each_step_once(records: list[dict]) -> None:
+    """Train and val records each in step order, none twice: what a resume must leave."""
+    for key in ("train_loss", "val_loss"):
+        steps = [r["step"] for r in records if key in r]
+        assert steps == sorted(set(steps)), (key, steps)
+
+
 def _assert_trees_equal(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -152,15 +159,14 @@ def test_resume_in_a_new_process_matches_the_straight_run(
     run = _copy_run(run_dir, tmp_path, keep_through=resume_at)
     saved = json.loads((run / "checkpoints" / str(resume_at) / "data" / "process_0-of-1.json").read_text())
     assert saved == {"epoch": 0, **position, "step": resume_at}
-    before = len(_records(run))
-
     out = _finish(_launch(compile_cache, "--resume", str(run)))
     assert f"resumed from {run / 'checkpoints' / str(resume_at)}" in out
     assert f"step:{STEPS}/{STEPS} val_loss:" in out
 
-    resumed = _records(run, skip=before)
-    assert _losses(resumed) == {s: losses[s] for s in range(resume_at + 1, STEPS + 1)}  # bitwise
-    assert _losses(resumed, "val_loss") == {s: v for s, v in val_losses.items() if s >= resume_at}
+    records = _records(run)  # the records past the resumed step were dropped, then logged again
+    _assert_each_step_once(records)
+    assert _losses(records) == losses  # bitwise
+    assert _losses(records, "val_loss") == val_losses
     cfg, resumed_params = jaxrun.load_checkpoint(run)
     assert cfg == saved_config(run_dir)
     _assert_trees_equal(resumed_params, params)
@@ -193,12 +199,33 @@ def test_sigterm_saves_a_checkpoint_that_resumes(shards, compile_cache, tmp_path
     assert max(_losses(_records(run_dir))) == first
 
     # Resume, and stop it again the same way: it continues from the step after.
-    before = len(_records(run_dir))
     out = _sigterm_once_training(_launch(compile_cache, "--resume", str(run_dir)), run_dir, after_step=first)
     assert f"resumed from {saved}" in out
-    assert min(_losses(_records(run_dir, skip=before))) == first + 1
     second = int(checkpoint.step_dirs(run_dir / "checkpoints")[-1].name)
     assert second > first and f"stopped by SIGTERM after step {second}" in out
+    records = _records(run_dir)
+    _assert_each_step_once(records)
+    assert sorted(_losses(records)) == list(range(1, second + 1))
+
+
+@pytest.mark.slow
+def test_kill_9_keeps_the_metrics_and_a_resume_repeats_no_step(shards, compile_cache, tmp_path):
+    cfg = _config(shards, tmp_path / "runs", steps=100_000, val_every=0, ckpt_every=2)
+    proc = _launch(compile_cache, "--config", _config_file(cfg, tmp_path / "long.py"))
+    deadline = time.monotonic() + 300
+    while not (runs := list(Path(cfg.train.out_dir).glob("*/checkpoints/4"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: no handler runs, no file is closed
+    proc.communicate()
+    run_dir = runs[0].parent.parent
+    logged = max(_losses(_records(run_dir)))  # every line whole, and at least to the checkpoint
+    assert logged >= 4
+    last = int(checkpoint.step_dirs(run_dir / "checkpoints")[-1].name)
+    _finish(_launch(compile_cache, "--resume", str(run_dir), "--set", f"train.steps={last + 2}"))
+    records = _records(run_dir)
+    _assert_each_step_once(records)
+    assert sorted(_losses(records)) == list(range(1, last + 3))
 
 
 def test_signals_set_a_flag_and_a_second_one_acts_as_usual():
@@ -232,8 +259,8 @@ def test_damaged_checkpoints_are_skipped_with_a_message(straight, compile_cache,
     shutil.copytree(ckpts / "4", ckpts / "7.orbax-checkpoint-tmp")  # a save cut short
     (ckpts / "7.orbax-checkpoint-tmp" / "commit_success.txt").unlink()
 
-    before = len(_records(run))
     out = _finish(_launch(compile_cache, "--resume", str(run)))
+    assert "Traceback" not in out and "Event loop is closed" not in out
     assert "checkpoint 7.orbax-checkpoint-tmp was never finished" in out
     assert "checkpoint 6 is damaged" in out
     assert "checkpoint 5 is damaged (CheckpointError: checksum mismatch" in out
@@ -243,7 +270,9 @@ def test_damaged_checkpoints_are_skipped_with_a_message(straight, compile_cache,
         "6",
         "7.orbax-checkpoint-tmp",
     ]
-    assert _losses(_records(run, skip=before)) == {5: losses[5], 6: losses[6]}
+    records = _records(run)
+    _assert_each_step_once(records)
+    assert _losses(records) == losses
     _assert_trees_equal(jaxrun.load_checkpoint(run)[1], params)
 
 
