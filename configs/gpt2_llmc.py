@@ -6,7 +6,17 @@ cosine decay to zero, gradient clipping at 1.0. 0.5M tokens per step at 1024
 context for 19,560 steps (about 10B tokens), as in the record's log.
 """
 
-from jaxrun.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxrun.config import (
+    AttentionConfig,
+    Config,
+    DataConfig,
+    EmbedConfig,
+    HeadConfig,
+    MLPConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 LR = 6e-4
 
@@ -16,17 +26,14 @@ def get_config() -> Config:
         name="gpt2_llmc",
         model=ModelConfig(
             head_dim=64,
-            positions="learned",
             norm="layernorm",
-            embed_norm=False,
-            activation="gelu",
-            qk_norm=False,
             linear_biases=True,
-            tied_embeddings=True,
-            softcap="none",
-            attention_scale=None,
             init="gpt2",
             scan_layers=False,
+            embed=EmbedConfig(learned_positions=True, norm=False),
+            attn=AttentionConfig(qk_norm=False, scale=None, rope=None),
+            mlp=MLPConfig(activation="gelu"),
+            head=HeadConfig(tie="always", softcap="none"),
         ),
         optim=OptimConfig(
             kind="adamw",

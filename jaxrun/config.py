@@ -298,11 +298,11 @@ class ModelConfig:
         width = 12  # the gates read the first 12 dims
         gated = a.gate or r.skip is not None or e.value is not None or e.smear is not None
         _check(not gated or self.model_dim >= width, f"model.model_dim={self.model_dim} < the gates' {width} inputs")
-        uniform = not (a.skip_layers or a.paired_layers or a.windows or e.value or r.skip or r.saved_layer is not None)
+        uniform = not (a.skip_layers or a.paired_layers or a.windows or e.value or r != ResidualConfig())
         _check(
             uniform or not self.scan_layers,
             "model.scan_layers=True needs identical layers; this model's layers differ (skip, paired, "
-            "windowed, value-embedding or saved-activation layers): set model.scan_layers=False",
+            "windowed, value-embedding layers or per-layer lambdas): set model.scan_layers=False",
         )
 
     @property

@@ -9,6 +9,7 @@ joined with `optax.partition`:
   embed   | Adam, optim.embed_lr        | AdamW, optim.embed_lr
   head    | Adam, optim.head_lr         | AdamW, optim.head_lr
   scalar  | Adam, optim.scalar_lr       | AdamW, optim.scalar_lr
+  gate    | Adam, optim.scalar_lr       | AdamW, optim.scalar_lr
   hidden  | Muon, optim.muon_lr         | AdamW, optim.hidden_lr
 
 Every learning rate follows the same schedule (warmup, constant, then a
@@ -26,20 +27,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrun import muon
+from jaxrun import model, muon
 from jaxrun.config import Config, OptimConfig
 
-GROUPS = ("embed", "head", "scalar", "hidden")
+GROUPS = ("embed", "head", "scalar", "hidden", "gate")
 
-# (path pattern, group). A path is "/"-joined dict keys, e.g. "blocks/attn/w_q".
-PARAM_TABLE: tuple[tuple[str, str], ...] = (
-    (r"embed/(tokens|positions)", "embed"),
-    (r"lm_head/w", "head"),
-    (r"lm_head/b", "scalar"),
-    (r"blocks/(attn|mlp)/w_\w+", "hidden"),
-    (r"blocks/(attn|mlp)/b_\w+", "scalar"),
-    (r"(\w+/)*(gain|bias)", "scalar"),
-)
+# (path pattern, group), joined from the rows each model component declares for its params.
+PARAM_TABLE: tuple[tuple[str, str], ...] = tuple((row.pattern, row.group) for row in model.OPTIM_ROWS)
 
 
 def path_str(path: tuple[Any, ...]) -> str:
@@ -98,7 +92,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     """
     o = cfg.optim
     eta = lr_factor(o, cfg.train.steps)
-    group_lr = {"embed": o.embed_lr, "head": o.head_lr, "scalar": o.scalar_lr, "hidden": o.hidden_lr}
+    group_lr = {"embed": o.embed_lr, "head": o.head_lr, "scalar": o.scalar_lr, "gate": o.scalar_lr, "hidden": o.hidden_lr}
 
     def adam(group: str) -> optax.GradientTransformation:
         decay = o.adam_weight_decay if (group != "scalar" or o.adam_decay_vectors) else 0.0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Literal, NamedTuple
 
@@ -30,42 +29,12 @@ import optax
 
 from jaxrun import muon
 from jaxrun.config import ConfigError, OptimConfig
+from jaxrun.param_table import OptimRow
 
 Schedule = Callable[[jax.Array], jax.Array]
 
 # modded-nanogpt's polar_express adds 1e-6 to 1.02·‖X‖_F.
 _NS_EPS = 1e-6
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimRow:
-    """Which optimizer owns the params whose path fully matches `pattern`, and how.
-
-    lr = base_lr · s(step) · lr_mul (times `shape_mult` for NorMuon). Cautious
-    decay is λ · base_lr · s · wd_mul · lr for NorMuon and lr² · wd · wd_mul
-    for Adam, with λ, wd the config's `muon_weight_decay`, `adam_weight_decay`.
-    """
-
-    pattern: str  # regex on the "/"-joined path, e.g. r"blocks/attn/w_[qkvo]"
-    kind: Literal["normuon", "adam"]
-    lr_mul: float = 1.0
-    wd_mul: float = 1.0
-    betas: tuple[float, float] | None = None  # Adam only
-    shape_mult: float = 1.0  # NorMuon only: sqrt(max(1, rows/cols)) of the source's [out, in] matrix
-
-    def __post_init__(self):
-        re.compile(self.pattern)
-        where = f"OptimRow({self.pattern!r})"
-        if self.kind not in ("normuon", "adam"):
-            raise ConfigError(f"{where}.kind={self.kind!r} is not 'normuon' or 'adam'")
-        if (self.betas is not None) != (self.kind == "adam"):
-            raise ConfigError(f"{where}.betas={self.betas} must be given for adam rows only")
-        if self.betas is not None and not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"{where}.betas={self.betas} not in [0, 1)")
-        if self.kind == "adam" and self.shape_mult != 1.0:
-            raise ConfigError(f"{where}.shape_mult={self.shape_mult} is for normuon rows only")
-        if min(self.lr_mul, self.wd_mul) < 0 or self.shape_mult <= 0:
-            raise ConfigError(f"{where}: lr_mul, wd_mul must be >= 0 and shape_mult > 0")
 
 
 def path_of(key_path: Any) -> str:
@@ -77,6 +46,8 @@ def row_of(rows: Sequence[OptimRow], path: str) -> OptimRow:
     hits = [row for row in rows if re.fullmatch(row.pattern, path)]
     if len(hits) != 1:
         raise ConfigError(f"param {path!r} matches {len(hits)} optimizer rows (needs exactly 1)")
+    if hits[0].kind == "adam" and hits[0].betas is None:
+        raise ConfigError(f"param {path!r}: its row {hits[0].pattern!r} gives no Adam betas")
     return hits[0]
 
 

@@ -138,7 +138,7 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
 def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """Pallas kernels train on GPUs only: off a GPU they need the interpreter, which shard_map breaks."""
     fields = [
-        f"model.{f}" for f in ("attention_impl", "mlp_impl", "loss_impl") if getattr(cfg.model, f) == "pallas"
+        f"model.kernels.{f}" for f in ("attention", "mlp", "loss") if getattr(cfg.model.kernels, f) == "pallas"
     ]
     platform = mesh.devices.flat[0].platform
     if fields and platform != "gpu":

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import launch
-from jaxrun.config import Config, ConfigError, ModelConfig, OptimConfig, apply_overrides
+from jaxrun.config import AttentionConfig, Config, ConfigError, ModelConfig, OptimConfig, RopeConfig, apply_overrides
 
 
 @pytest.fixture
@@ -26,15 +26,15 @@ def test_overrides_parse_each_field_type(cfg):
         [
             "optim.muon_lr=0.05",
             "model.num_layers=4",
-            "model.qk_norm=false",
-            "model.attention_scale=none",
+            "model.attn.qk_norm=false",
+            "model.attn.scale=none",
             "model.norm=layernorm",
             "train.steps=1_000",
             "data.train_files=/tmp/x_*.bin",
         ],
     )
-    assert out.optim.muon_lr == 0.05 and out.model.num_layers == 4 and out.model.qk_norm is False
-    assert out.model.attention_scale is None and out.model.norm == "layernorm"
+    assert out.optim.muon_lr == 0.05 and out.model.num_layers == 4 and out.model.attn.qk_norm is False
+    assert out.model.attn.scale is None and out.model.norm == "layernorm"
     assert out.train.steps == 1000 and out.data.train_files == "/tmp/x_*.bin"
     assert cfg.optim.muon_lr == 0.025  # the original is untouched
 
@@ -60,8 +60,8 @@ def test_bad_overrides_name_the_key_or_value(cfg, override, fragment):
 
 
 def test_direct_construction_validates():
-    with pytest.raises(ConfigError, match="rope_fraction"):
-        ModelConfig(rope_fraction=0.3, head_dim=10, model_dim=20)
+    with pytest.raises(ConfigError, match="rope.fraction"):
+        ModelConfig(attn=AttentionConfig(rope=RopeConfig(fraction=0.3)), head_dim=10, model_dim=20)
     with pytest.raises(ConfigError, match="optim.kind='sgd'"):
         OptimConfig(kind="sgd")
 
@@ -82,7 +82,7 @@ def test_simple_matches_the_recipe():
     cfg = launch.load_config("simple")
     m, o = cfg.model, cfg.optim
     assert (m.num_layers, m.model_dim, m.head_dim, m.num_heads, m.mlp_dim) == (12, 768, 128, 6, 3072)
-    assert (m.rope_base, m.rope_fraction, m.attention_scale, m.softcap, m.softcap_value) == (
+    assert (m.attn.rope.base, m.attn.rope.fraction, m.attn.scale, m.head.softcap, m.head.softcap_value) == (
         1024.0,
         0.5,
         0.12,

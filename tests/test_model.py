@@ -9,22 +9,19 @@ import numpy as np
 import pytest
 
 from jaxrun import model
-from jaxrun.config import ModelConfig
+from jaxrun.config import AttentionConfig, EmbedConfig, HeadConfig, KernelConfig, MLPConfig, ModelConfig
 
 TINY = {"num_layers": 2, "model_dim": 64, "head_dim": 16, "vocab_size": 256, "max_seq_len": 64}
 SIMPLE_STYLE = ModelConfig(**TINY, compute_dtype="float32")
 LLMC_STYLE = ModelConfig(
     **TINY,
-    positions="learned",
     norm="layernorm",
-    embed_norm=False,
-    activation="gelu",
-    qk_norm=False,
-    tied_embeddings=True,
-    softcap="none",
-    attention_scale=None,
     init="gpt2",
     compute_dtype="float32",
+    embed=EmbedConfig(learned_positions=True, norm=False),
+    attn=AttentionConfig(qk_norm=False, scale=None, rope=None),
+    mlp=MLPConfig(activation="gelu"),
+    head=HeadConfig(tie="always", softcap="none"),
 )
 B, T = 2, 64
 
@@ -130,7 +127,7 @@ def test_pallas_impls_match_xla():
     import dataclasses
 
     cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2")
-    fused = dataclasses.replace(cfg, attention_impl="pallas", mlp_impl="pallas", loss_impl="pallas")
+    fused = dataclasses.replace(cfg, kernels=KernelConfig(attention="pallas", mlp="pallas", loss="pallas"))
     params = model.init(jax.random.key(11), cfg)
     batch = {"inputs": tokens(12), "targets": tokens(13)}
     loss_xla, grads_xla = jax.value_and_grad(model.loss)(params, batch, cfg)
@@ -142,7 +139,7 @@ def test_pallas_impls_match_xla():
 def test_kernel_switches_are_validated():
     from jaxrun.config import ConfigError
 
-    with pytest.raises(ConfigError, match="mlp_impl='pallas' fuses ReLU²"):
-        ModelConfig(mlp_impl="pallas", activation="gelu")
-    with pytest.raises(ConfigError, match="loss_impl='pallas' supports softcap 'isru'"):
-        ModelConfig(loss_impl="pallas", softcap="tanh")
+    with pytest.raises(ConfigError, match="kernels.mlp='pallas' fuses ReLU²"):
+        ModelConfig(kernels=KernelConfig(mlp="pallas"), mlp=MLPConfig(activation="gelu"))
+    with pytest.raises(ConfigError, match="kernels.loss='pallas' supports softcap 'isru'"):
+        ModelConfig(kernels=KernelConfig(loss="pallas"), head=HeadConfig(softcap="tanh"))

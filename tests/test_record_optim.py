@@ -23,20 +23,20 @@ from jaxrun import record_optim as ro
 from jaxrun.config import ConfigError, OptimConfig
 
 ROWS = (
-    ro.OptimRow(pattern=r"blocks/attn/w_[qkvo]", kind="normuon"),
-    ro.OptimRow(pattern=r"blocks/mlp/w_up", kind="normuon", shape_mult=2.0),
-    ro.OptimRow(pattern=r"blocks/mlp/w_down", kind="normuon", lr_mul=2.0, shape_mult=2.0),
+    ro.OptimRow(pattern=r"blocks/attn/w_[qkvo]", group="hidden"),
+    ro.OptimRow(pattern=r"blocks/mlp/w_up", group="hidden", shape_mult=2.0),
+    ro.OptimRow(pattern=r"blocks/mlp/w_down", group="hidden", lr_mul=2.0, shape_mult=2.0),
     ro.OptimRow(
         pattern=r"blocks/attn/sa_lambdas|smear/lambda|residual/(skip|backout)_lambda",
-        kind="adam", lr_mul=5.0, wd_mul=0.0, betas=(0.9, 0.99),
+        group="adam", lr_mul=5.0, wd_mul=0.0, betas=(0.9, 0.99),
     ),
-    ro.OptimRow(pattern=r"smear/gate", kind="adam", lr_mul=0.01, wd_mul=0.0, betas=(0.9, 0.99)),
-    ro.OptimRow(pattern=r"residual/skip_gate", kind="adam", lr_mul=0.05, wd_mul=0.0, betas=(0.9, 0.99)),
-    ro.OptimRow(pattern=r"blocks/attn/(ve_)?gate", kind="adam", betas=(0.9, 0.99)),
-    ro.OptimRow(pattern=r"lm_head/w|embed/tokens", kind="adam", wd_mul=150.0, betas=(0.5, 0.95)),
-    ro.OptimRow(pattern=r"bigram/table|value_embed/tables", kind="adam", lr_mul=75.0, wd_mul=5.0, betas=(0.75, 0.95)),
-    ro.OptimRow(pattern=r"residual/(post|x0|bigram)_lambdas", kind="adam", wd_mul=0.0, betas=(0.9, 0.95)),
-    ro.OptimRow(pattern=r"residual/resid_lambdas", kind="adam", lr_mul=5.0, wd_mul=0.0, betas=(0.9, 0.95)),
+    ro.OptimRow(pattern=r"smear/gate", group="adam", lr_mul=0.01, wd_mul=0.0, betas=(0.9, 0.99)),
+    ro.OptimRow(pattern=r"residual/skip_gate", group="adam", lr_mul=0.05, wd_mul=0.0, betas=(0.9, 0.99)),
+    ro.OptimRow(pattern=r"blocks/attn/(ve_)?gate", group="adam", betas=(0.9, 0.99)),
+    ro.OptimRow(pattern=r"lm_head/w|embed/tokens", group="adam", wd_mul=150.0, betas=(0.5, 0.95)),
+    ro.OptimRow(pattern=r"bigram/table|value_embed/tables", group="adam", lr_mul=75.0, wd_mul=5.0, betas=(0.75, 0.95)),
+    ro.OptimRow(pattern=r"residual/(post|x0|bigram)_lambdas", group="adam", wd_mul=0.0, betas=(0.9, 0.95)),
+    ro.OptimRow(pattern=r"residual/resid_lambdas", group="adam", lr_mul=5.0, wd_mul=0.0, betas=(0.9, 0.95)),
 )
 
 # The record-77 layout at test size (L = 11 layers, 10 with attention).
@@ -434,7 +434,7 @@ def test_momentum_schedule_matches_source():
 
 def test_adam_folds_bias_correction_into_step_size():
     # With |g| ≈ eps the placement of eps decides the step: on sqrt(v), not on sqrt(v̂).
-    rows = (ro.OptimRow(pattern="w", kind="adam", wd_mul=0.0, betas=(0.5, 0.95)),)
+    rows = (ro.OptimRow(pattern="w", group="adam", wd_mul=0.0, betas=(0.5, 0.95)),)
     tx = ro.scale_by_record_adam(rows, base_lr=0.1, weight_decay=0.0, eps=1e-10, lr_of_count=lambda t: 1.0)
     p, g = {"w": jnp.ones(3)}, {"w": jnp.full(3, 1e-10)}
     u, state = tx.update(g, tx.init(p), p)
@@ -448,13 +448,13 @@ def test_cautious_masks():
     # NorMuon decays where X'·W >= 0, so also where X' = 0; Adam only where u·p > 0.
     o = {"w": jnp.array([[0.0, 1.0], [-1.0, 1.0]])}
     p = {"w": jnp.array([[1.0, 1.0], [1.0, -1.0]])}
-    rows = (ro.OptimRow(pattern="w", kind="normuon"),)
+    rows = (ro.OptimRow(pattern="w", group="hidden"),)
     step = ro._normuon_step(rows, base_lr=0.5, weight_decay=2.0, lr=lambda c: 1.0, ns_dtype=jnp.float32)
     u, _ = step.update(o, step.init(p), p)
     mask = np.array([[1.0, 1.0], [0.0, 0.0]])
     np.testing.assert_allclose(u["w"], -(np.asarray(p["w"]) * mask * 1.0 * 0.5 + np.asarray(o["w"]) * 0.5))
 
-    rows = (ro.OptimRow(pattern="w", kind="adam", betas=(0.9, 0.99)),)
+    rows = (ro.OptimRow(pattern="w", group="adam", betas=(0.9, 0.99)),)
     adam = ro.scale_by_record_adam(rows, base_lr=0.5, weight_decay=1.0, eps=1e-10, lr_of_count=lambda t: 1.0)
     g = {"w": jnp.array([[0.0, 1.0], [-1.0, 1.0]])}
     u, _ = adam.update(g, adam.init(p), p)
@@ -528,21 +528,40 @@ def test_rows_cover_the_layout():
     with pytest.raises(ConfigError, match="matches 0"):
         ro.row_of(ROWS, "blocks/mlp/b_up")
     with pytest.raises(ConfigError, match="matches 2"):
-        ro.row_of((*ROWS, ro.OptimRow(pattern="lm_head/.*", kind="adam", betas=(0.9, 0.9))), "lm_head/w")
+        ro.row_of((*ROWS, ro.OptimRow(pattern="lm_head/.*", group="adam", betas=(0.9, 0.9))), "lm_head/w")
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"kind": "sgd"}, "kind"),
-        ({"kind": "normuon", "betas": (0.9, 0.9)}, "betas"),
-        ({"kind": "adam"}, "betas"),
-        ({"kind": "adam", "betas": (0.9, 0.9), "shape_mult": 2.0}, "shape_mult"),
+        ({"group": "hidden", "betas": (0.9, 0.9)}, "betas"),
+        ({"group": "adam", "betas": (0.9, 1.0)}, "betas"),
+        ({"group": "adam", "betas": (0.9, 0.9), "shape_mult": 2.0}, "shape_mult"),
+        ({"group": "hidden", "lr_mul": -1.0}, "lr_mul"),
     ],
 )
 def test_rows_reject_bad_fields(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ro.OptimRow(pattern="w", **kwargs)
+
+
+def test_adam_rows_need_betas_when_used():
+    with pytest.raises(ConfigError, match="gives no Adam betas"):
+        ro.row_of((ro.OptimRow(pattern="w", group="adam"),), "w")
+
+
+def test_model_rows_are_the_recipe_table():
+    """The rows the model's components declare give every record77 leaf this test's settings."""
+    from jaxrun import model
+
+    for path in ("embed/tokens", "lm_head/w", "value_embed/tables", "bigram/table", "smear/gate", "smear/lambda",
+                 "blocks/attn/w_q", "blocks/attn/w_o", "blocks/mlp/w_up", "blocks/mlp/w_down", "blocks/attn/gate",
+                 "blocks/attn/ve_gate", "blocks/attn/sa_lambdas", "residual/resid_lambdas", "residual/post_lambdas",
+                 "residual/x0_lambdas", "residual/bigram_lambdas", "residual/skip_gate", "residual/skip_lambda",
+                 "residual/backout_lambda"):
+        mine, theirs = ro.row_of(model.OPTIM_ROWS, path), ro.row_of(ROWS, path)
+        assert (mine.kind, mine.lr_mul, mine.wd_mul, mine.betas, mine.shape_mult) == (
+            theirs.kind, theirs.lr_mul, theirs.wd_mul, theirs.betas, theirs.shape_mult), path
 
 
 @pytest.mark.parametrize(

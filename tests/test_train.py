@@ -153,7 +153,7 @@ def test_launch_reports_missing_shards(tmp_path):
 
 def test_print_config(capsys):
     assert launch.main(["--config", "gpt2_llmc", "--print-config"]) == 0
-    assert json.loads(capsys.readouterr().out)["model"]["positions"] == "learned"
+    assert json.loads(capsys.readouterr().out)["model"]["embed"]["learned_positions"] is True
 
 
 def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
@@ -186,13 +186,13 @@ def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
 
 def test_documents_mode_refuses_cudnn(tiny_cfg):
     with pytest.raises(ValueError, match="needs a document mask"):
-        apply_overrides(tiny_cfg, ["data.mode=documents", "model.attention_impl=cudnn"])
+        apply_overrides(tiny_cfg, ["data.mode=documents", "model.kernels.attention=cudnn"])
 
 
 def test_pallas_kernels_refused_off_gpu(tiny_cfg):
-    cfg = apply_overrides(tiny_cfg, ["model.attention_impl=pallas", "model.loss_impl=pallas"])
+    cfg = apply_overrides(tiny_cfg, ["model.kernels.attention=pallas", "model.kernels.loss=pallas"])
     mesh = sharding.make_mesh(cfg.mesh)
-    with pytest.raises(ConfigError, match="model.attention_impl, model.loss_impl='pallas' needs GPUs"):
+    with pytest.raises(ConfigError, match="model.kernels.attention, model.kernels.loss='pallas' needs GPUs"):
         train.make_train_step(cfg, mesh)
 
 
@@ -201,7 +201,7 @@ def test_pallas_kernels_in_the_sharded_step(tiny_cfg):
     """All three kernels inside the shard_map step follow the XLA path (bf16, 128-wide heads: Mosaic fwd)."""
     shape = ["model.model_dim=256", "model.head_dim=128", "model.max_seq_len=128", "data.seq_len=128"]
     cfg = apply_overrides(tiny_cfg, [*shape, "model.compute_dtype=bfloat16", "optim.muon_ns_dtype=float32"])
-    kernels = ["model.attention_impl=pallas", "model.mlp_impl=pallas", "model.loss_impl=pallas"]
+    kernels = ["model.kernels.attention=pallas", "model.kernels.mlp=pallas", "model.kernels.loss=pallas"]
     batches = [_batch(s, cfg) for s in range(3)]
     _, losses_xla = _steps(cfg, batches)
     _, losses_pallas = _steps(apply_overrides(cfg, kernels), batches)

@@ -77,10 +77,10 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.q, self.k, self.v = (Linear(D, HK, bias=cfg.linear_biases) for _ in range(3))
         self.o = Linear(HK, D, bias=cfg.linear_biases)
-        self.scale = cfg.attention_scale if cfg.attention_scale is not None else 1 / math.sqrt(cfg.head_dim)
-        if cfg.positions == "rope":
-            rotating = int(cfg.head_dim * cfg.rope_fraction) // 2
-            freqs = (1 / cfg.rope_base) ** torch.linspace(0, 1, rotating, dtype=torch.float32)
+        self.scale = cfg.attn.scale if cfg.attn.scale is not None else 1 / math.sqrt(cfg.head_dim)
+        if cfg.attn.rope is not None:
+            rotating = int(cfg.head_dim * cfg.attn.rope.fraction) // 2
+            freqs = (1 / cfg.attn.rope.base) ** torch.linspace(0, 1, rotating, dtype=torch.float32)
             freqs = torch.cat([freqs, freqs.new_zeros(cfg.head_dim // 2 - rotating)])
             self.register_buffer("freqs", freqs, persistent=False)
         else:
@@ -90,7 +90,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K = self.cfg.num_heads, self.cfg.head_dim
         q, k, v = (proj(x).view(B, T, H, K) for proj in (self.q, self.k, self.v))
-        if self.cfg.qk_norm:
+        if self.cfg.attn.qk_norm:
             q, k = F.rms_norm(q, (K,)), F.rms_norm(k, (K,))
         if self.freqs is not None:
             q, k = rotary(q, self.freqs), rotary(k, self.freqs)
@@ -103,7 +103,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.relu2 = cfg.activation == "relu2"
+        self.relu2 = cfg.mlp.activation == "relu2"
         self.up = Linear(cfg.model_dim, cfg.mlp_dim, bias=cfg.linear_biases)
         self.down = Linear(cfg.mlp_dim, cfg.model_dim, bias=cfg.linear_biases)
 
@@ -143,11 +143,11 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(V, D)
         if embed_in_compute_dtype:
             self.embed.to(self.compute_dtype)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, D) if cfg.positions == "learned" else None
-        self.embed_norm = Norm(D, cfg) if cfg.embed_norm else None
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, D) if cfg.embed.learned_positions else None
+        self.embed_norm = Norm(D, cfg) if cfg.embed.norm else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = Norm(D, cfg)
-        self.lm_head = None if cfg.tied_embeddings else Linear(D, V, bias=cfg.linear_biases)
+        self.lm_head = None if cfg.head.tie == "always" else Linear(D, V, bias=cfg.linear_biases)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -175,10 +175,10 @@ class GPT(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     def _softcap(self, z: Tensor) -> Tensor:
-        c = self.cfg.softcap_value
-        if self.cfg.softcap == "isru":
+        c = self.cfg.head.softcap_value
+        if self.cfg.head.softcap == "isru":
             return c * z * torch.rsqrt(z.square() + c * c)
-        if self.cfg.softcap == "tanh":
+        if self.cfg.head.softcap == "tanh":
             return c * torch.tanh(z / c)
         return z
 

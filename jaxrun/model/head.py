@@ -1,0 +1,159 @@
+"""The output side: final norm, head matmul (optionally FP8), softcap, and the token losses.
+
+Owns `model.head` (HeadConfig, FP8HeadConfig) and the params `lm_head/*` and
+`final_norm/*`. With `tie="always"` there is no `lm_head`: the token
+embedding is the head. The multi-token loss (record #77) weights the
+cross-entropy of position t against targets t, t+1, …; weights come from the
+schedule, terms past the end of a row are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxrun.config import FP8HeadConfig, ModelConfig
+from jaxrun.model import kernels
+from jaxrun.model.attention import Mode
+from jaxrun.model.layers import Initializer, Params, init_norm, linear
+from jaxrun.param_table import OptimRow
+
+IGNORE_INDEX = -1  # targets below zero (padding) carry no loss
+MULTI_TOKEN_TERMS = 3  # record #77 predicts up to 3 tokens ahead
+
+OPTIM_ROWS = (
+    OptimRow(r"lm_head/w", "head", wd_mul=150.0, betas=(0.5, 0.95)),
+    OptimRow(r"lm_head/b", "scalar"),
+    OptimRow(r"final_norm/(gain|bias)", "scalar"),
+)
+
+
+def init(cfg: ModelConfig, rng: Initializer) -> Params:
+    D, V = cfg.model_dim, cfg.vocab_size
+    params: Params = {}
+    if norm := init_norm(cfg):
+        params["final_norm"] = norm
+    if cfg.head.tie != "always":
+        if cfg.init == "record":
+            w = rng.normal((D, V), 0.005)
+        elif cfg.init == "speedrun":
+            w = jnp.zeros((D, V))
+        else:
+            w = rng.normal((D, V), 0.02)
+        params["lm_head"] = {"w": w}
+        if cfg.linear_biases:
+            params["lm_head"]["b"] = jnp.zeros((V,))
+    return params
+
+
+def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
+    """[D, V]: the head's weight (the token embedding, transposed, when always tied)."""
+    return params["embed"]["tokens"].T if cfg.head.tie == "always" else params["lm_head"]["w"]
+
+
+def _softcap(z: jax.Array, cfg: ModelConfig) -> jax.Array:
+    c = cfg.head.softcap_value
+    if cfg.head.softcap == "isru":
+        return c * z * jax.lax.rsqrt(z * z + c * c)
+    if cfg.head.softcap == "tanh":
+        return c * jnp.tanh(z / c)
+    if cfg.head.softcap == "sigmoid":  # record #77: 23·σ((z + 5)/7.5), in (0, 23)
+        return c * jax.nn.sigmoid((z + 5) / 7.5)
+    return z
+
+
+def logits(params: Params, h_BTD: jax.Array, cfg: ModelConfig, mode: Mode = Mode()) -> jax.Array:
+    """Softcapped float32 logits [B, T, V] from final hidden states."""
+    fp8 = cfg.head.fp8 if mode.training else None
+    if fp8 is not None:
+        B, T, D = h_BTD.shape
+        z = fp8_matmul(h_BTD.reshape(B * T, D), head_weight(params, cfg), fp8).reshape(B, T, -1)
+        return _softcap(z, cfg)
+    if cfg.head.tie == "always":
+        z = h_BTD @ head_weight(params, cfg).astype(h_BTD.dtype)
+    else:
+        z = linear(h_BTD, params["lm_head"], "w", "b")
+    if cfg.head.softcap == "sigmoid":  # record #77 caps its eval logits in bf16, then upcasts
+        return _softcap(z, cfg).astype(jnp.float32)
+    return _softcap(z.astype(jnp.float32), cfg)
+
+
+def token_losses(
+    params: Params,
+    h_BTD: jax.Array,
+    targets_BT: jax.Array,
+    cfg: ModelConfig,
+    mode: Mode = Mode(),
+    multi_token_weights: jax.Array | None = None,
+) -> jax.Array:
+    """Cross-entropy per position [B, T] in float32; zero where targets < 0.
+
+    With `multi_token_weights` [n] (and training), position t scores Σ_k w_k·CE(z_t, target_{t+k})
+    over the k with t + k inside the row.
+    """
+    if kernels.fused_loss(cfg):
+        B, T, D = h_BTD.shape
+        w_DV = head_weight(params, cfg)
+        b_V = params.get("lm_head", {}).get("b")
+        return kernels.fused_softcap_ce(
+            h_BTD.reshape(B * T, D), w_DV, targets_BT.reshape(-1), b_V, cap="isru", cap_value=cfg.head.softcap_value
+        ).reshape(B, T)
+    z_BTV = logits(params, h_BTD, cfg, mode)
+    logz_BT = jax.nn.logsumexp(z_BTV, axis=-1)
+    weights = multi_token_weights if (mode.training and cfg.head.multi_token) else None
+    if weights is None:
+        return _ce(z_BTV, logz_BT, targets_BT)
+    total = jnp.zeros(targets_BT.shape, jnp.float32)
+    for k in range(weights.shape[0]):  # position t against target t + k; past the row's end: no term
+        ahead_BT = jnp.pad(targets_BT[:, k:], ((0, 0), (0, k)), constant_values=IGNORE_INDEX)
+        total = total + weights[k] * _ce(z_BTV, logz_BT, ahead_BT)
+    return total
+
+
+def _ce(z_BTV, logz_BT, targets_BT) -> jax.Array:
+    target_logit_BT = jnp.take_along_axis(z_BTV, jnp.maximum(targets_BT, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(targets_BT >= 0, logz_BT - target_logit_BT, 0.0)
+
+
+# ---- the FP8 head matmul (record #77) ----
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fp8_matmul(x_ND: jax.Array, w_DV: jax.Array, scales: FP8HeadConfig) -> jax.Array:
+    """x @ w through e4m3 copies of both at static scales; the result rounded to bf16, as float32.
+
+    The backward quantizes the incoming gradient to e5m2 (divided by its own static scale) and
+    forms both products from the FP8 operands: torch._scaled_mm as record #77 runs it.
+    """
+    return _fp8_forward(x_ND, w_DV, scales)[0]
+
+
+def _quantize(x: jax.Array, scale: float, dtype) -> jax.Array:
+    return (x / scale).astype(dtype)
+
+
+def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _fp8_forward(x_ND, w_DV, s: FP8HeadConfig):
+    x8 = _quantize(x_ND, s.x_scale, jnp.float8_e4m3fn)
+    w8 = _quantize(w_DV.astype(x_ND.dtype), s.w_scale, jnp.float8_e4m3fn)
+    out = (_dot(x8, w8, (1, 0)) * (s.x_scale * s.w_scale)).astype(jnp.bfloat16).astype(jnp.float32)
+    dtypes = (jnp.zeros((0,), x_ND.dtype), jnp.zeros((0,), w_DV.dtype))  # empty arrays carry the dtypes
+    return out, (x8, w8, dtypes)
+
+
+def _fp8_backward(s: FP8HeadConfig, res, g_NV):
+    x8, w8, (x_like, w_like) = res
+    x_dtype, w_dtype = x_like.dtype, w_like.dtype
+    g8 = _quantize(g_NV, s.grad_scale, jnp.float8_e5m2)
+    grad_x = (_dot(g8, w8, (1, 1)) * (s.grad_scale * s.w_scale)).astype(jnp.bfloat16).astype(x_dtype)
+    grad_w = _dot(x8, g8, (0, 0)) * (s.x_scale * s.grad_scale)
+    return grad_x, grad_w.astype(w_dtype)
+
+
+fp8_matmul.defvjp(_fp8_forward, _fp8_backward)

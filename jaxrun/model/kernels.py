@@ -1,0 +1,110 @@
+"""Kernel choice in one place: the config names an implementation, this maps it.
+
+The model calls `attention(cfg)(q, k, v, ...)`, `mlp(cfg)(h, ...)` and reads
+`fused_loss(cfg)`; it never branches on the implementation itself (as
+tokamax's ops take `implementation=`). Pallas kernels run compiled on a GPU
+and in the interpreter elsewhere (CPU tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrun.config import ModelConfig
+
+
+def interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def attention_xla(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
+    """Plain-jnp attention: the T×T scores in float32, masked, then softmax.
+
+    Causal; with `window`, query i sees keys i - window .. i; with segment ids,
+    only keys of its own segment (document).
+    """
+    T = q_BTHK.shape[1]
+    s_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK, preferred_element_type=jnp.float32) * scale
+    qi, ki = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    mask_TT = ki <= qi
+    if window is not None:
+        mask_TT &= ki >= qi - window
+    mask = mask_TT[None, None]
+    if segment_ids_BT is not None:
+        mask = mask & (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
+    s_BHTT = jnp.where(mask, s_BHTT, -jnp.inf)
+    p_BHTT = jax.nn.softmax(s_BHTT, axis=-1).astype(v_BTHK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", p_BHTT, v_BTHK)
+
+
+def _attention_cudnn(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
+    if segment_ids_BT is not None:
+        raise ValueError("model.kernels.attention='cudnn' has no document mask; use 'xla' or 'pallas'")
+    return jax.nn.dot_product_attention(
+        q_BTHK,
+        k_BTHK,
+        v_BTHK,
+        scale=scale,
+        is_causal=True,  # always with a window: jax issue #39576
+        local_window_size=None if window is None else (window, 0),
+        implementation="cudnn",
+    )
+
+
+def _attention_pallas(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
+    from pallas_kernels.attention import flash_attention
+
+    return flash_attention(
+        q_BTHK,
+        k_BTHK,
+        v_BTHK,
+        segment_ids=segment_ids_BT,
+        window=window,
+        scale=scale,
+        interpret=interpret(),
+    )
+
+
+_ATTENTION = {"xla": attention_xla, "cudnn": _attention_cudnn, "pallas": _attention_pallas}
+
+
+def attention(cfg: ModelConfig) -> Callable[..., jax.Array]:
+    """`fn(q, k, v, *, scale, segment_ids_BT, window) -> y`, all [B, T, H, K]."""
+    return _ATTENTION[cfg.kernels.attention]
+
+
+def _relu2_mlp_xla(h_ND, w_up, w_down, b_up=None, b_down=None):
+    u = h_ND @ w_up.astype(h_ND.dtype)
+    if b_up is not None:
+        u = u + b_up.astype(h_ND.dtype)[None]
+    y = jnp.square(jax.nn.relu(u)) @ w_down.astype(h_ND.dtype)
+    return y if b_down is None else y + b_down.astype(h_ND.dtype)[None]
+
+
+def _relu2_mlp_pallas(h_ND, w_up, w_down, b_up=None, b_down=None):
+    from pallas_kernels.relu2_mlp import relu2_mlp
+
+    return relu2_mlp(h_ND, w_up, w_down, b_up, b_down, interpret=interpret())
+
+
+_RELU2_MLP = {"xla": _relu2_mlp_xla, "pallas": _relu2_mlp_pallas}
+
+
+def relu2_mlp(cfg: ModelConfig) -> Callable[..., jax.Array]:
+    """`fn(h [N, D], w_up, w_down, b_up, b_down) -> [N, D]`: relu(h W_up + b)² W_down + b."""
+    return _RELU2_MLP[cfg.kernels.mlp]
+
+
+def fused_loss(cfg: ModelConfig) -> bool:
+    """Whether the head and loss run as one fused kernel (`fused_softcap_ce`)."""
+    return cfg.kernels.loss == "pallas"
+
+
+def fused_softcap_ce(h_ND, w_DV, targets_N, b_V, *, cap, cap_value):
+    """Head matmul, softcap and cross-entropy in one Pallas kernel: no [N, V] logits in memory."""
+    from pallas_kernels.softcap_ce import softcap_ce
+
+    return softcap_ce(h_ND, w_DV, targets_N, b_V, cap=cap, cap_value=cap_value, interpret=interpret())

@@ -1,0 +1,88 @@
+"""Numerics every component shares: norms, linear maps, the compute dtype.
+
+RMSNorm runs in float32 with float32's machine epsilon whatever the input
+dtype, as torch's `F.rms_norm` does when no eps is given (recent PyTorch picks
+the epsilon of the float32 computation, not bf16's 2⁻⁷); LayerNorm uses
+GPT-2's 1e-5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrun.config import ModelConfig
+
+Params = dict[str, Any]
+F32_EPS = float(jnp.finfo(jnp.float32).eps)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def lead(v: jax.Array, ndim: int) -> jax.Array:
+    """Give a trailing-axis vector (gain, bias) explicit leading axes for broadcasting."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def rms_norm(x: jax.Array) -> jax.Array:
+    """x / sqrt(mean(x²) + eps) over the last axis, in float32, back in x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + F32_EPS)).astype(x.dtype)
+
+
+def norm(x: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
+    """The model's norm (LayerNorm or RMSNorm) with its optional gain and bias `p`."""
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+        xf = xf - xf.mean(-1, keepdims=True)
+        eps = 1e-5
+    else:
+        eps = F32_EPS
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
+    if "gain" in p:
+        y = y * lead(p["gain"], y.ndim)
+    if "bias" in p:
+        y = y + lead(p["bias"], y.ndim)
+    return y.astype(x.dtype)
+
+
+def init_norm(cfg: ModelConfig, *lead_shape: int) -> Params:
+    """A norm's params: a gain if the model has them, a bias for LayerNorm."""
+    p = {}
+    if cfg.norm_gains:
+        p["gain"] = jnp.ones((*lead_shape, cfg.model_dim))
+    if cfg.norm == "layernorm":
+        p["bias"] = jnp.zeros((*lead_shape, cfg.model_dim))
+    return p
+
+
+def linear(x: jax.Array, p: Params, w: str, b: str) -> jax.Array:
+    """x @ p[w] (+ p[b]), the weight cast to x's dtype."""
+    y = x @ p[w].astype(x.dtype)
+    return y + lead(p[b].astype(x.dtype), y.ndim) if b in p else y
+
+
+def scaled(lam: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """A float32 scalar times a weight, rounded once to `dtype` (torch's 0-dim × bf16 tensor)."""
+    return (lam.astype(jnp.float32) * w.astype(dtype).astype(jnp.float32)).astype(dtype)
+
+
+class Initializer:
+    """Hands out keys split from one init key, in the order the components ask for them.
+
+    The order (attention, MLP, embeddings, head) is fixed: a recipe's init, and the
+    golden losses of the tests, depend on which key each draw gets.
+    """
+
+    def __init__(self, key: jax.Array, count: int = 16):
+        self._keys = iter(jax.random.split(key, count))
+
+    def normal(self, shape: tuple[int, ...], std: float) -> jax.Array:
+        return std * jax.random.normal(next(self._keys), shape, jnp.float32)
+
+    def uniform(self, shape: tuple[int, ...], bound: float) -> jax.Array:
+        return jax.random.uniform(next(self._keys), shape, jnp.float32, -bound, bound)
