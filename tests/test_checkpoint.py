@@ -5,6 +5,7 @@ other tests copy its run dir and resume from one of its checkpoints. Resumed
 runs use the same 8 host devices, so losses and params must agree bitwise.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,15 @@ import pytest
 import jaxrun
 import launch
 from jaxrun import checkpoint, data, loop_control, sharding, train
-from jaxrun.config import Config, DataConfig, ModelConfig, TrainConfig, saved_config
+from jaxrun.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    saved_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -343,7 +352,8 @@ def test_a_damaged_checkpoint_falls_back_with_one_line(tmp_path):
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
 
     run("save")
-    arrays = (p for p in (tmp_path / "checkpoints" / "2" / "state").rglob("*") if p.is_file() and "/d/" in str(p))
+    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    arrays = (p for p in state_dir.rglob("*") if p.is_file() and "/d/" in str(p))
     for path in sorted(arrays, key=os.path.getsize)[-3:]:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     done = run("restore")
@@ -429,3 +439,33 @@ def test_load_checkpoint_returns_config_and_params(shards, tmp_path, monkeypatch
 def test_importing_jaxrun_loads_nothing_heavy():
     code = "import sys, jaxrun; assert 'jax' not in sys.modules and 'orbax' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.slow
+def test_eval_and_fine_tune_start_from_a_checkpoints_params(shards, tmp_path, capsys):
+    """`launch.py eval` scores the saved params; `train.init_from` starts a new run from them at step 0."""
+    from jaxrun import cli
+
+    cfg = _config(shards, tmp_path / "runs", steps=2, val_every=1, ckpt_every=0)
+    state = train.init_state(cfg, jax.random.key(1), sharding.make_mesh(cfg.mesh))
+    leaves, tree = jax.tree.flatten(state.params)  # trained-looking params: not the zero-head init
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    params = jax.tree.unflatten(tree, noisy)
+    ckpt = checkpoint.Checkpointer(cfg, tmp_path / "base", log=lambda line: None)
+    ckpt.step_done(7, state._replace(params=params), checkpoint.Position({}), 0.0, force=True)
+    ckpt.close()
+
+    _, score = cli.score(str(tmp_path / "base"), [f"data.val_files={shards}/val_*.bin"])
+    assert launch.main(["eval", str(tmp_path / "base")]) == 0
+    assert f"val_loss:{score:.4f} on 512 tokens" in capsys.readouterr().out
+
+    fine = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(tmp_path / "base")))
+    result = train.run(fine)
+    records = _records(Path(result["run_dir"]))
+    assert Path(result["run_dir"]).parent == tmp_path / "runs"  # a new run dir, not the checkpoint's
+    assert records[0]["step"] == 0 and records[0]["val_loss"] == pytest.approx(score, abs=1e-6)
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2]  # from step 0, not 7
+    with pytest.raises(ConfigError, match="do not fit this model"):
+        bigger = apply_overrides(fine, ["model.model_dim=128"])
+        train.run(bigger)
