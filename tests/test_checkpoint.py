@@ -22,7 +22,7 @@ import pytest
 
 import jaxrun
 import launch
-from jaxrun import checkpoint, data, loop_control, sharding, train
+from jaxrun import checkpoint, data, loop_control, model, sharding, train
 from jaxrun.config import (
     Config,
     ConfigError,
@@ -434,6 +434,17 @@ def test_load_checkpoint_returns_config_and_params(shards, tmp_path, monkeypatch
         assert all(x.devices() == {jax.devices()[0]} for x in jax.tree.leaves(params))
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         jaxrun.load_checkpoint(tmp_path / "nothing-here")
+
+
+def test_what_load_checkpoint_returns_feeds_the_notebook_api(shards, tmp_path):
+    """The whole Config it returns works where a ModelConfig does: apply, generate."""
+    run, _, _ = _saved_init(shards, tmp_path)
+    cfg, params = jaxrun.load_checkpoint(run)
+    params = jax.tree.map(lambda x: x + 0.01, params)  # the zero-init head would give equal logits
+    ids = jnp.arange(16)[None] % cfg.model.vocab_size
+    np.testing.assert_array_equal(model.apply(params, ids, cfg), model.apply(params, ids, cfg.model))
+    for c in (cfg, cfg.model):
+        assert jaxrun.generate(params, c, "Hi", 4, temperature=0.0).startswith("Hi")
 
 
 def test_importing_jaxrun_loads_nothing_heavy():
