@@ -59,13 +59,14 @@ class WindowConfig:
     """Sliding windows (jaxrun/model/attention.py), in blocks of `block` tokens.
 
     Query i sees keys i - w .. i with w = blocks × block. `long_layers` use the long window, every
-    other attention layer the short one. `short` and `long` are the windows outside a schedule
-    (notebooks, eval of a finished run); a recipe's schedule sets them per stage.
+    other attention layer the short one. `stages` holds (short, long) per training stage (the
+    stages of `jaxrun.schedule`; the last also covers later ones); `final_eval` is the pair the
+    last validation uses, None for the last stage's (record #77 stretches the long one to 20).
     """
 
     block: int = 128
-    short: int = 6
-    long: int = 13
+    stages: tuple[tuple[int, int], ...] = ((1, 3), (3, 7), (5, 11), (6, 13))
+    final_eval: tuple[int, int] | None = (6, 20)
     long_layers: tuple[int, ...] = (3, 10)
 
 
@@ -169,17 +170,21 @@ class HeadConfig:
     """
 
     tie: Literal["never", "always", "until_split"] = "never"
+    untie_stage: int = 2  # "until_split": untie after the first step of this stage, made odd
     softcap: Literal["none", "tanh", "isru", "sigmoid"] = "isru"
     softcap_value: float = 15.0
     fp8: FP8HeadConfig | None = None
-    multi_token: bool = False
+    # Per stage, the weights of targets t, t+1, … at the stage's start and end (linear between);
+    # empty: next token only. record #77: [1, .5, .25→0], [1, .5→0], [1].
+    multi_token: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
 class KernelConfig:
     """Which implementation runs each kernel (jaxrun/model/kernels.py); the model never branches on it."""
 
-    attention: Literal["xla", "cudnn", "pallas"] = "xla"
+    # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
+    attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     mlp: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
     loss: Literal["xla", "pallas"] = "xla"  # "pallas": fused head + softcap + CE, no [N, V] logits
 
@@ -215,7 +220,7 @@ class ModelConfig:
         _check_choice(node + ".mlp", "activation", self.mlp.activation, ("gelu", "relu2"))
         _check_choice(node + ".head", "tie", self.head.tie, ("never", "always", "until_split"))
         _check_choice(node + ".head", "softcap", self.head.softcap, ("none", "tanh", "isru", "sigmoid"))
-        _check_choice(node + ".kernels", "attention", self.kernels.attention, ("xla", "cudnn", "pallas"))
+        _check_choice(node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas"))
         _check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
         _check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
@@ -239,7 +244,7 @@ class ModelConfig:
 
     @property
     def _record_head(self) -> bool:
-        return self.head.fp8 is not None or self.head.multi_token
+        return self.head.fp8 is not None or bool(self.head.multi_token)
 
     def _check_rope(self) -> None:
         rope = self.attn.rope
@@ -327,7 +332,7 @@ class OptimConfig:
     per-group learning rates below apply to both kinds.
     """
 
-    kind: Literal["adamw", "muon_adam"] = "muon_adam"
+    kind: Literal["adamw", "muon_adam", "normuon_adam"] = "muon_adam"
     # Adam groups (learning rates from train_gpt_simple.py)
     embed_lr: float = 0.7
     head_lr: float = 0.004
@@ -354,8 +359,9 @@ class OptimConfig:
     cooldown_shape: Literal["linear", "cosine"] = "linear"
     final_lr_frac: float = 0.0
     grad_clip_norm: float | None = None
-    # The speedrun differentiates the summed token loss; llm.c the mean.
-    loss_reduction: Literal["sum", "mean"] = "sum"
+    # The speedrun differentiates the summed token loss; llm.c the mean. "rank_mean": the sum per
+    # rank (data.ranks of them, micro-batches on fewer devices), averaged over ranks (record #77).
+    loss_reduction: Literal["sum", "mean", "rank_mean"] = "sum"
     # NorMuon's EMA rate (muon_scaling="normuon"); record #77 uses 0.95.
     muon_normuon_b2: float = 0.9
     # Row-table optimizer (record_optim.make_record_optimizer, record #77): each
@@ -368,13 +374,13 @@ class OptimConfig:
 
     def __post_init__(self):
         node = "optim"
-        _check_choice(node, "kind", self.kind, ("adamw", "muon_adam"))
+        _check_choice(node, "kind", self.kind, ("adamw", "muon_adam", "normuon_adam"))
         _check_choice(node, "muon_ns", self.muon_ns, ("simple", "quintic", "polar_express"))
         _check_choice(node, "muon_scaling", self.muon_scaling, ("shape", "normuon"))
         _check_choice(node, "muon_ns_dtype", self.muon_ns_dtype, ("bfloat16", "float32"))
         _check_choice(node, "muon_weight_decay_mode", self.muon_weight_decay_mode, ("decoupled", "cautious"))
         _check_choice(node, "cooldown_shape", self.cooldown_shape, ("linear", "cosine"))
-        _check_choice(node, "loss_reduction", self.loss_reduction, ("sum", "mean"))
+        _check_choice(node, "loss_reduction", self.loss_reduction, ("sum", "mean", "rank_mean"))
         _check(0 <= self.cooldown_frac <= 1, f"optim.cooldown_frac={self.cooldown_frac} not in [0, 1]")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         for name in ("embed_lr", "head_lr", "scalar_lr", "hidden_lr", "muon_lr"):

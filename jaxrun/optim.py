@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrun import model, muon
+from jaxrun import model, muon, record_optim
 from jaxrun.config import Config, OptimConfig
 
 GROUPS = ("embed", "head", "scalar", "hidden", "gate")
@@ -83,14 +83,30 @@ def _muon_momentum(cfg: OptimConfig) -> optax.ScalarOrSchedule:
     )
 
 
+def lr_factor_of(cfg: Config):
+    """The schedule s(step) of the run's optimizer: the group schedule, or record #77's stages."""
+    o = cfg.optim
+    if o.kind == "normuon_adam":
+        scheduled = cfg.train.steps - o.extension_steps
+        return record_optim.lr_schedule(
+            scheduled, stage_lr_muls=o.lr_stage_muls, cooldown_frac=o.cooldown_frac, floor=o.final_lr_frac
+        )
+    return lr_factor(o, cfg.train.steps)
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     """The optimizer for `cfg`: one transform per group, partitioned by param path.
+
+    `kind="normuon_adam"` is record #77's per-param optimizer instead (`jaxrun.record_optim`),
+    with each leaf's settings from the model components' rows.
 
     It works on whole params or on any slice of them (each transform is
     elementwise, or per matrix for Muon), which the sharded step relies on.
     Gradient clipping is the train step's job: see `clip_by_norm`.
     """
     o = cfg.optim
+    if o.kind == "normuon_adam":
+        return record_optim.make_record_optimizer(o, model.OPTIM_ROWS, cfg.train.steps)
     eta = lr_factor(o, cfg.train.steps)
     group_lr = {"embed": o.embed_lr, "head": o.head_lr, "scalar": o.scalar_lr, "gate": o.scalar_lr, "hidden": o.hidden_lr}
 

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrun import checkpoint, loop_control, model, optim, sharding
+from jaxrun import checkpoint, loop_control, model, optim, record_optim, schedule, sharding
 from jaxrun import data as data_lib
 from jaxrun.config import Config, ConfigError
 from jaxrun.runlog import RunLog
@@ -48,7 +48,7 @@ def layouts(cfg: Config, params: model.Params):
     """Each leaf's ownership under the sharded optimizer (see `sharding.Layout`)."""
     if not cfg.mesh.shard_optimizer:
         return jax.tree.map(lambda _: sharding.Layout.REPLICATED, params)
-    muon = cfg.optim.kind == "muon_adam"
+    muon = cfg.optim.kind in ("muon_adam", "normuon_adam")
     return jax.tree.map(
         lambda label: sharding.Layout.LAYERS if muon and label == "hidden" else sharding.Layout.FLAT,
         optim.param_labels(params),
@@ -89,28 +89,34 @@ def init_state(cfg: Config, key: jax.Array, mesh: jax.sharding.Mesh) -> TrainSta
     return jax.jit(build, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), out))(key)
 
 
-def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
+def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | None = None):
     """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
-    `batch` holds int32 `inputs` and `targets` shaped [accum, seqs, T], the
-    sequences split over the mesh. Inside one `shard_map`, each device sums
-    gradients over its micro-batches, reduce-scatters them so it holds the
-    total for the params it owns, updates those with its optimizer state, and
-    all-gathers the new params.
+    `batch` holds int32 `inputs` and `targets` (and `segment_ids`) shaped
+    [accum, seqs, T], the sequences split over the mesh. Inside one `shard_map`,
+    each device sums gradients over its micro-batches, reduce-scatters them so
+    it holds the total for the params it owns, updates those with its optimizer
+    state, and all-gathers the new params. `mode` is where training is (see
+    `jaxrun.schedule`; by default step 0's); multi-token weights follow the step.
+    While the embedding is tied to the head, it is set to the head's transpose
+    after each update, so every reader of the params sees the tied weights.
     """
     _check_kernels_can_train(cfg, mesh)
+    mode = schedule.train_mode(cfg, 0) if mode is None else mode
     tx, axis = optim.make_optimizer(cfg), mesh.axis_names[0]
-    local_grads = _local_grads(cfg, mesh.axis_names)
+    local_grads = _local_grads(cfg, mesh.axis_names, mode)
     specs = _opt_state_specs(cfg, mesh, tx)
     sharded = cfg.mesh.shard_optimizer
 
-    def local_step(params, opt_state, batch):
+    def local_step(params, opt_state, batch, step):
         lay = layouts(cfg, params)
-        grads, loss_sum, count = local_grads(params, batch)
+        grads, loss_sum, count = local_grads(params, batch, schedule.multi_token_weights(cfg, step))
         loss_sum, count = jax.lax.psum((loss_sum, count), axis)
         grads = jax.tree.map(lambda g, l: sharding.reduce_grad(g, l, axis), grads, lay)
         if cfg.optim.loss_reduction == "mean":
             grads = jax.tree.map(lambda g: g / count, grads)
+        elif cfg.optim.loss_reduction == "rank_mean":  # each rank's summed loss, averaged over ranks
+            grads = jax.tree.map(lambda g: g / cfg.data.ranks, grads)
         sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
         norm = jnp.sqrt(jax.lax.psum(sq, axis) if sharded else sq)
         grads = optim.clip_by_norm(grads, norm, cfg.optim.grad_clip_norm)
@@ -118,17 +124,19 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh):
         updates, opt_state = tx.update(grads, opt_state, owned)
         owned = optax.apply_updates(owned, updates)
         params = jax.tree.map(lambda p, l, q: sharding.gather_param(p, l, axis, q.shape), owned, lay, params)
+        if mode.tied:  # the embedding follows the head it is tied to (record #77 syncs it the same way)
+            params["embed"]["tokens"] = params["lm_head"]["w"].T
         return params, opt_state, {"train_loss": loss_sum / count, "grad_norm": norm}
 
     batch_spec = sharding.batch_sharding(mesh).spec
     sharded_step = jax.shard_map(
-        local_step, mesh=mesh, in_specs=(P(), specs, batch_spec), out_specs=(P(), specs, P())
+        local_step, mesh=mesh, in_specs=(P(), specs, batch_spec, P()), out_specs=(P(), specs, P())
     )
 
-    lr_factor = optim.lr_factor(cfg.optim, cfg.train.steps)
+    lr_factor = optim.lr_factor_of(cfg)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        params, opt_state, metrics = sharded_step(state.params, state.opt_state, batch)
+        params, opt_state, metrics = sharded_step(state.params, state.opt_state, batch, state.step)
         metrics = {**metrics, "lr_factor": lr_factor(state.step)}  # this update's share of each base lr
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -149,14 +157,14 @@ def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
         )
 
 
-def _local_grads(cfg: Config, axes: tuple[str, ...]):
+def _local_grads(cfg: Config, axes: tuple[str, ...], mode: model.Mode):
     """Summed token loss, its gradient and the token count over this device's micro-batches."""
 
-    def summed_loss(params, micro):
-        losses_BT = model.token_losses(params, micro, cfg.model)
+    def summed_loss(params, micro, multi_token_weights):
+        losses_BT = model.token_losses(params, micro, cfg.model, mode, multi_token_weights)
         return losses_BT.sum(), (micro["targets"] >= 0).sum()
 
-    def local_grads(params, batch):
+    def local_grads(params, batch, multi_token_weights):
         # Differentiate a per-device copy: gradients of the replicated params would come
         # back already psum-ed, once per micro-batch. Local sums are reduced once, outside.
         params = jax.lax.pcast(params, axes, to="varying")
@@ -164,7 +172,7 @@ def _local_grads(cfg: Config, axes: tuple[str, ...]):
         def accumulate(carry, micro):
             grads, loss_sum, count = carry
             (micro_loss, micro_count), micro_grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                params, micro
+                params, micro, multi_token_weights
             )
             return (
                 jax.tree.map(jnp.add, grads, micro_grads),
@@ -181,11 +189,13 @@ def _local_grads(cfg: Config, axes: tuple[str, ...]):
     return local_grads
 
 
-def make_eval_step(cfg: Config, mesh: jax.sharding.Mesh):
-    """`eval_step(params, batch) -> summed token loss` over a [seqs, T] batch."""
+def make_eval_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | None = None):
+    """`eval_step(params, batch) -> summed token loss` over a [seqs, T] batch, in eval `mode`
+    (by default the final validation's)."""
+    mode = schedule.eval_mode(cfg, cfg.train.steps) if mode is None else mode
 
     def local_eval(params, batch):
-        return model.token_losses(params, batch, cfg.model).sum()
+        return model.token_losses(params, batch, cfg.model, mode).sum()
 
     return jax.jit(sharding.data_parallel(mesh, local_eval, batch_spec=sharding.eval_sharding(mesh).spec))
 
@@ -265,17 +275,36 @@ def data_stages(cfg: Config) -> list[data_lib.Stage]:
     return [first, *later]
 
 
-def _compile_stages(train_step, state: TrainState, cfg: Config, mesh) -> dict[tuple[int, ...], Any]:
-    """Compile the step ahead of time for every batch shape in the schedule, keyed by that shape."""
+def _compile_stages(state: TrainState, cfg: Config, mesh) -> dict[tuple[Any, tuple[int, ...]], Any]:
+    """Compile the step ahead of time for every (mode, batch shape) of the schedule, keyed by both."""
     keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
+    split = schedule.split_step(cfg)
+    firsts = {*schedule.stage_starts(cfg), *(stage.step for stage in data_stages(cfg))}
+    firsts |= {split, split + 1} if split is not None else set()
     compiled = {}
-    for stage in data_stages(cfg):
+    for step in sorted(s for s in firsts if s < cfg.train.steps):
+        stage = data_lib.stage_at(step, data_stages(cfg))
         accum = grad_accum_steps(cfg, mesh.size, stage.batch_seqs)
-        shape = (accum, stage.batch_seqs // accum, stage.seq_len)
-        if shape not in compiled:
-            spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
-            compiled[shape] = train_step.lower(state, dict.fromkeys(keys, spec)).compile()
+        key = (schedule.train_mode(cfg, step), (accum, stage.batch_seqs // accum, stage.seq_len))
+        if key not in compiled:
+            spec = jax.ShapeDtypeStruct(key[1], jnp.int32, sharding=sharding.batch_sharding(mesh))
+            lowered = make_train_step(cfg, mesh, key[0]).lower(state, dict.fromkeys(keys, spec))
+            compiled[key] = lowered.compile()
     return compiled
+
+
+def make_untie(state: TrainState):
+    """`untie(state) -> state`: the embedding leaves the head, with its copy of the head's Adam moments."""
+
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    def untie(state: TrainState) -> TrainState:
+        # on whole arrays: the copy transposes leaves that ZeRO-1 holds flat and split
+        state = jax.tree.map(lambda x, s: jax.sharding.reshard(x, NamedSharding(s.mesh, P())), state, shardings)
+        params, opt_state = record_optim.untie(state.params, state.opt_state)
+        return TrainState(state.step, params, opt_state)
+
+    return jax.jit(untie, out_shardings=shardings, donate_argnums=(0,))
 
 
 def tokens_trained(cfg: Config, steps: int) -> int:
@@ -311,7 +340,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
         ckpt.check_compatible(jax.eval_shape(lambda: init_state(cfg, jax.random.key(cfg.train.seed), mesh)))
     log.header(mesh)
     stream, val, baseline = _load_data(cfg, mesh)
-    train_step, eval_step = make_train_step(cfg, mesh), make_eval_step(cfg, mesh)
+    eval_steps: dict[model.Mode, Any] = {}  # one per eval mode, compiled at its first use
     batch_sharding = sharding.batch_sharding(mesh)
 
     def next_batch():
@@ -330,13 +359,15 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
 
     data_state = stream.get_state()
     t0 = time.perf_counter()
-    by_shape = _compile_stages(train_step, state, cfg, mesh)
+    variants = _compile_stages(state, cfg, mesh)
+    split, untie = schedule.split_step(cfg), make_untie(state) if schedule.split_step(cfg) is not None else None
     compile_s = time.perf_counter() - t0
 
-    def compiled(state, batch):  # the step compiled for this batch's stage
-        return by_shape[batch["inputs"].shape](state, batch)
+    def compiled(state, batch, step=None):  # the step compiled for this step's mode and batch shape
+        step = int(state.step) if step is None else step
+        return variants[(schedule.train_mode(cfg, step), batch["inputs"].shape)](state, batch)
 
-    state, _ = compiled(state, next_batch())  # warm-up step, then start again from scratch
+    state, _ = compiled(state, next_batch(), 0)  # warm-up step, then start again from scratch
     jax.block_until_ready(state)
     ckpt.warm_up(state)
     stream.set_state(data_state)
@@ -346,7 +377,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     if resume:
         state, start, train_ms = ckpt.resume(state, stream)
         log.rewind(start)  # metrics past the restored step are logged again
-    log.info(f"compile: {compile_s:.1f}s for {len(by_shape)} batch shape(s) (excluded from train_time)")
+    log.info(f"compile: {compile_s:.1f}s for {len(variants)} step variant(s) (excluded from train_time)")
 
     steps, val_loss = cfg.train.steps, float("nan")
     progress = log.progress(steps)
@@ -370,12 +401,17 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
             if pending is not None:
                 read_pending()
                 pending = None
-            val_loss = evaluate(eval_step, state.params, val, cfg, mesh)
+            mode = schedule.eval_mode(cfg, step)
+            if mode not in eval_steps:
+                eval_steps[mode] = make_eval_step(cfg, mesh, mode)
+            val_loss = evaluate(eval_steps[mode], state.params, val, cfg, mesh)
             log.val(step, val_loss, train_ms, train_ms / step if step else float("nan"))
             t0, eval_s = time.perf_counter(), eval_s + time.perf_counter() - t0
         if last:
             break
-        state, metrics = compiled(state, next_batch())
+        state, metrics = compiled(state, next_batch(), step)
+        if step == split:  # after the split step's update the embedding and head go separate ways
+            state = untie(state)
         if pending is not None:  # read step n-1's metrics while step n runs
             read_pending()
         pending = (step + 1, metrics)

@@ -68,7 +68,25 @@ def _attention_pallas(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, win
     )
 
 
-_ATTENTION = {"xla": attention_xla, "cudnn": _attention_cudnn, "pallas": _attention_pallas}
+def _attention_auto(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
+    """The fastest correct choice for this platform and mask, decided when the step is traced."""
+    if jax.default_backend() != "gpu":
+        fn = attention_xla
+    else:
+        fn = _attention_cudnn if segment_ids_BT is None else _attention_pallas
+    return fn(q_BTHK, k_BTHK, v_BTHK, scale=scale, segment_ids_BT=segment_ids_BT, window=window)
+
+
+_ATTENTION = {"auto": _attention_auto, "xla": attention_xla, "cudnn": _attention_cudnn, "pallas": _attention_pallas}
+
+
+def resolved_attention(cfg: ModelConfig, documents: bool) -> str:
+    """The implementation `attention(cfg)` runs here, for the run header."""
+    if cfg.kernels.attention != "auto":
+        return cfg.kernels.attention
+    if jax.default_backend() != "gpu":
+        return "xla"
+    return "pallas" if documents else "cudnn"
 
 
 def attention(cfg: ModelConfig) -> Callable[..., jax.Array]:
