@@ -31,13 +31,13 @@ def bigram_hash(tokens: Tensor, rows: int) -> Tensor:
     """Row of the bigram table per position: (36313·cur XOR 27191·prev) mod (rows-1); position 0 the reserved row.
 
     int32 arithmetic as the source's `get_bigram_hash` (the products wrap around in int32 before the
-    XOR; `%` then takes torch's floor-mod sign rule).
+    XOR; `%` then takes torch's floor-mod sign rule). The source hashes its buffer after writing the
+    reserved row into position 0, so position 1's previous token is that row, not token 0.
     """
     mod = rows - 1
-    x = tokens.to(torch.int32)
-    out = x.clone()
+    out = tokens.to(torch.int32).clone()
     out[0] = mod
-    out[1:] = torch.bitwise_xor(BIGRAM_MUL_CUR * x[1:], BIGRAM_MUL_PREV * x[:-1]) % mod
+    out[1:] = torch.bitwise_xor(BIGRAM_MUL_CUR * out[1:], BIGRAM_MUL_PREV * out[:-1]) % mod
     return out
 
 
