@@ -2,7 +2,8 @@
 
   python -m benchmarks.torch_reference.worker bench DIR          # a bench folder (see benchmarks/bench.py)
   python -m benchmarks.torch_reference.worker parity IN.npz OUT.npz
-  python -m benchmarks.torch_reference.worker record77 IN.npz OUT.npz   # record77_worker.py's protocol
+  python -m benchmarks.torch_reference.worker record77 IN.npz OUT.npz [IN2.npz OUT2.npz ...]
+                                                  # record77_worker.py's protocol, requests in turn
 
 A parity request holds the config (`config`, JSON), the task (`task`),
 jaxrun params under `params/<path>` and token rows under `rows` (`[B, T+1]`
@@ -140,11 +141,12 @@ def main(argv: list[str]) -> int:
         with np.load(argv[1]) as request:
             np.savez(argv[2], **parity(dict(request)))
         return 0
-    if argv[:1] == ["record77"] and len(argv) == 3:
+    if argv[:1] == ["record77"] and len(argv) >= 3 and len(argv) % 2 == 1:
         from benchmarks.torch_reference import record77_worker
 
-        with np.load(argv[1]) as request:
-            np.savez(argv[2], **record77_worker.handle(dict(request)))
+        for source, target in zip(argv[1::2], argv[2::2]):  # several requests share one torch start-up
+            with np.load(source) as request:
+                np.savez(target, **record77_worker.handle(dict(request)))
         return 0
     print(__doc__, file=sys.stderr)
     return 2
