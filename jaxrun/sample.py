@@ -185,6 +185,8 @@ def generate(
     _check_cacheable(model_cfg)
     if not 0 < num_tokens < context:
         raise ConfigError(f"num_tokens={num_tokens} must be in 1..{context - 1} (the context is {context})")
+    # Via the host onto one device: params from a mesh carry its shardings into the cache updates.
+    params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
     enc = get_tokenizer()
     ids = ([EOT] + enc.encode_ordinary(prompt))[-(context - num_tokens) :]
     buf = jnp.zeros((1, context), jnp.int32).at[0, : len(ids)].set(jnp.asarray(ids, jnp.int32))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import launch
-from jaxrun import model, sample
+from jaxrun import model, sample, sharding
 from jaxrun.config import ConfigError, apply_overrides
 
 SMALL = [  # in an order that passes validation at each step
@@ -52,7 +52,8 @@ def test_cached_greedy_tokens_match_a_full_forward_per_token(name):
 
 def test_generate_text_compiles_once_and_samples(tiny_cfg):
     params = model.init(jax.random.key(0), tiny_cfg.model)
-    params = jax.tree.map(lambda x: x + 0.1, params)
+    mesh = sharding.make_mesh(tiny_cfg.mesh)  # placed as a run leaves them, on its mesh
+    params = jax.device_put(jax.tree.map(lambda x: x + 0.1, params), sharding.replicated(mesh))
     before = sample.generate_ids._cache_size()
     settings = ((1.0, 0), (1.0, 1), (0.5, 2))
     texts = {sample.generate(params, tiny_cfg, "Hello", 8, temperature=t, seed=s) for t, s in settings}
