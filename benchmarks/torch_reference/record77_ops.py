@@ -121,18 +121,19 @@ def fp8_e4m3(x: Tensor, scale: float) -> Tensor:
 class SoftcappedCE(torch.autograd.Function):
     """The source's training head + FusedSoftcappedCrossEntropy: per-token Σ_k w_k·CE(z_t, target_{t+k}).
 
-    Forward: logits = x @ W (FP8 e4m3 operands with static scales, float32 accumulation, out in x's
-    dtype; or a plain matmul with `fp8=False`), z = 23σ((logits+5)/7.5) in float32, terms with t+k
-    beyond the sequence dropped. Backward as the Triton kernel: the gradient w.r.t. the raw logits in
-    float32, divided by grad_s and quantized to e5m2, then grad_x (x's dtype) and grad_W (float32)
-    from the quantized operands (`fp8=False`: from the unquantized gradient and operands).
+    Forward: logits = x @ W (FP8 e4m3 operands with static scales, float32 accumulation, out in bf16
+    whatever x's dtype, as the source's `_scaled_mm(out_dtype=torch.bfloat16)`; or a plain matmul in
+    x's dtype with `fp8=False`), z = 23σ((logits+5)/7.5) in float32, terms with t+k beyond the sequence
+    dropped. Backward as the Triton kernel: the gradient w.r.t. the raw logits in float32, divided by
+    grad_s and quantized to e5m2, then grad_x (bf16, then x's dtype) and grad_W (float32) from the
+    quantized operands (`fp8=False`: from the unquantized gradient and operands).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, targets: Tensor, mtp_weights: Tensor, fp8: bool) -> Tensor:
         if fp8:
             x8, w8 = fp8_e4m3(x, HEAD_X_S), fp8_e4m3(w.to(x.dtype), HEAD_W_S)
-            logits = ((x8.float() @ w8.float()) * (HEAD_X_S * HEAD_W_S)).to(x.dtype)
+            logits = ((x8.float() @ w8.float()) * (HEAD_X_S * HEAD_W_S)).to(torch.bfloat16)
             ctx.save_for_backward(logits, targets, mtp_weights, x8, w8)
         else:
             logits = x @ w.to(x.dtype)
@@ -165,7 +166,7 @@ class SoftcappedCE(torch.autograd.Function):
         grad_logits = grad_losses.float()[:, None] * (SOFTCAP_A / SOFTCAP_C) * grad_z * u * (1 - u)
         if ctx.fp8:
             g8 = (grad_logits / HEAD_GRAD_S).to(torch.float8_e5m2).float()
-            grad_x = ((g8 @ ws.float().T) * (HEAD_GRAD_S * HEAD_W_S)).to(ctx.x_dtype)
+            grad_x = ((g8 @ ws.float().T) * (HEAD_GRAD_S * HEAD_W_S)).to(torch.bfloat16).to(ctx.x_dtype)
             grad_w = (xs.float().T @ g8) * (HEAD_X_S * HEAD_GRAD_S)
         else:
             g = grad_logits.to(ctx.x_dtype)
