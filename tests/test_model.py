@@ -143,3 +143,18 @@ def test_kernel_switches_are_validated():
         ModelConfig(kernels=KernelConfig(mlp="pallas"), mlp=MLPConfig(activation="gelu"))
     with pytest.raises(ConfigError, match="kernels.loss='pallas' supports softcap 'isru'"):
         ModelConfig(kernels=KernelConfig(loss="pallas"), head=HeadConfig(softcap="tanh"))
+
+
+def test_eval_losses_in_chunks_equal_whole(monkeypatch):
+    """Long val rows are scored a chunk of tokens at a time; the losses are the same."""
+    import dataclasses
+
+    from jaxrun.model import head
+
+    cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2")
+    params = model.init(jax.random.key(21), cfg)
+    batch = {"inputs": tokens(22), "targets": tokens(23)}
+    whole = model.token_losses(params, batch, cfg)
+    monkeypatch.setattr(head, "EVAL_CHUNK", 32)
+    chunked = model.token_losses(params, batch, cfg)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)

@@ -21,7 +21,7 @@ from jaxrun.model.layers import Initializer, Params, init_norm, linear
 from jaxrun.param_table import OptimRow
 
 IGNORE_INDEX = -1  # targets below zero (padding) carry no loss
-MULTI_TOKEN_TERMS = 3  # record #77 predicts up to 3 tokens ahead
+EVAL_CHUNK = 16_384  # eval scores this many tokens at a time: [N, V] logits never exist whole
 
 OPTIM_ROWS = (
     OptimRow(r"lm_head/w", "head", wd_mul=150.0, betas=(0.5, 0.95)),
@@ -93,13 +93,28 @@ def token_losses(
     With `multi_token_weights` [n] (and training), position t scores Σ_k w_k·CE(z_t, target_{t+k})
     over the k with t + k inside the row.
     """
-    if kernels.fused_loss(cfg):
+    if (fused := kernels.fused_loss(cfg)) is not None:
         B, T, D = h_BTD.shape
         w_DV = head_weight(params, cfg)
         b_V = params.get("lm_head", {}).get("b")
-        return kernels.fused_softcap_ce(
-            h_BTD.reshape(B * T, D), w_DV, targets_BT.reshape(-1), b_V, cap="isru", cap_value=cfg.head.softcap_value
-        ).reshape(B, T)
+        losses_N = fused(
+            h_BTD.reshape(B * T, D),
+            w_DV,
+            targets_BT.reshape(-1),
+            b_V,
+            cap=cfg.head.softcap,
+            cap_value=cfg.head.softcap_value,
+        )
+        return losses_N.reshape(B, T)
+    B, T, D = h_BTD.shape
+    if not mode.training and B * T > EVAL_CHUNK and (B * T) % EVAL_CHUNK == 0:  # long val rows, in chunks
+
+        def chunk(args):
+            h_CD, t_C = args
+            return token_losses(params, h_CD[None], t_C[None], cfg, mode)[0]
+
+        chunks = (h_BTD.reshape(-1, EVAL_CHUNK, D), targets_BT.reshape(-1, EVAL_CHUNK))
+        return jax.lax.map(chunk, chunks).reshape(B, T)
     z_BTV = logits(params, h_BTD, cfg, mode)
     logz_BT = jax.nn.logsumexp(z_BTV, axis=-1)
     weights = multi_token_weights if (mode.training and cfg.head.multi_token) else None
