@@ -31,15 +31,19 @@ def score(run: str, overrides: Sequence[str] = ()) -> tuple[Config, float]:
 
     saved, params = checkpoint.load_checkpoint(run)
     cfg = apply_overrides(saved, list(overrides))
-    own_files = any(o.strip().startswith("data.val_files") for o in overrides)
-    if cfg.data.source == "sotu" and not own_files:
-        val_files = demo_corpus.prepare(cfg.data.cache_dir)[1]
-    else:
+    if _own_val_files(cfg, overrides):
         val_files = find_shards(cfg.data.val_files)
+    else:
+        val_files = demo_corpus.prepare(cfg.data.cache_dir)[1]
     mesh = sharding.make_mesh(cfg.mesh)
     val = train.load_val(cfg, mesh, val_files)
     params = jax.device_put(params, NamedSharding(mesh, P()))
     return cfg, train.evaluate(train.make_eval_step(cfg, mesh), params, val, cfg, mesh)
+
+
+def _own_val_files(cfg: Config, overrides: Sequence[str]) -> bool:
+    """Whether the val tokens come from `data.val_files` (not the demo corpus's split)."""
+    return cfg.data.source != "sotu" or any(o.strip().startswith("data.val_files") for o in overrides)
 
 
 def eval_main(argv: list[str]) -> int:
@@ -48,7 +52,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)
     cfg, loss = score(args.run, args.set)
-    where = "the demo corpus's val split" if cfg.data.source == "sotu" else cfg.data.val_files
+    where = cfg.data.val_files if _own_val_files(cfg, args.set) else "the demo corpus's val split"
     print(f"val_loss:{loss:.4f} on {cfg.data.val_tokens:,} tokens of {where}")
     return 0
 

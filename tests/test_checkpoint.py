@@ -469,7 +469,7 @@ def test_eval_and_fine_tune_start_from_a_checkpoints_params(shards, tmp_path, ca
 
     _, score = cli.score(str(tmp_path / "base"), [f"data.val_files={shards}/val_*.bin"])
     assert launch.main(["eval", str(tmp_path / "base")]) == 0
-    assert f"val_loss:{score:.4f} on 512 tokens" in capsys.readouterr().out
+    assert f"val_loss:{score:.4f} on 512 tokens of {shards}/val_*.bin" in capsys.readouterr().out
 
     fine = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(tmp_path / "base")))
     result = train.run(fine)
