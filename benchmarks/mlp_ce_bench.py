@@ -22,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.hlo_buffers import materialized
+from jaxrun.model import head_loss
 from pallas_kernels import relu2_mlp as mlp_lib
 from pallas_kernels import softcap_ce as ce_lib
 
@@ -124,6 +126,8 @@ def ce_variants(cap, cap_value, tilings, xla=("bf16", "f32")):
     kw = {"cap": cap, "cap_value": cap_value}
     dt = {"bf16": jnp.bfloat16, "f32": jnp.float32}
     out = {f"xla_{k}_logits": lambda x, w, t, k=k: ce_xla(x, w, t, logits_dtype=dt[k], **kw) for k in xla}
+    if cap in head_loss.CAPS:  # jaxrun's model.kernels.loss="xla_fused": one custom VJP, bf16 logits saved
+        out["xla_fused"] = lambda x, w, t: head_loss.softcap_ce(x, w, t, **kw)
     for i, (bs, save) in enumerate(tilings):
         out[f"pallas_{i}"] = lambda x, w, t, bs=bs, save=save: ce_lib.softcap_ce(
             x, w, t, **kw, block_sizes=bs, save_logits=save
@@ -152,6 +156,7 @@ def run_case(name, variants, args, n_diff, flops, log, tilings=None):
             fn = fwd_bwd(f, n_diff).lower(*args).compile()
             compile_s = time.perf_counter() - t0
             tmp = fn.memory_analysis().temp_size_in_bytes
+            nv = dict(materialized(fn.as_text(), (args[0].shape[0], V))) if name.startswith("ce") else {}
             out = jax.block_until_ready(fn(*args))
             med, lo, hi = time_it(fn, args)
         except Exception as e:  # noqa: BLE001 (keep the rest of the table when one tiling fails to build)
@@ -170,6 +175,7 @@ def run_case(name, variants, args, n_diff, flops, log, tilings=None):
             "tflops": flops / med / 1e9,
             "temp_gib": tmp / 2**30,
             "max_rel_err_vs_first": max(errs),
+            "nv_buffers": nv,  # [N, V] arrays written to memory, by dtype (benchmarks/hlo_buffers.py)
             "compile_s": compile_s,
         }
         log(row)
@@ -300,7 +306,7 @@ def main():
         specs = [f"mlp:{v}:49152:-" for v in ("xla", "pallas_0")]
         specs += [
             f"ce:{v}:49152:isru"
-            for v in ("xla_bf16_logits", "xla_f32_logits", "pallas_0", "pallas_1", "pallas_2")
+            for v in ("xla_bf16_logits", "xla_f32_logits", "xla_fused", "pallas_0", "pallas_1", "pallas_2")
         ]
         for spec in specs:
             r = subprocess.run(
@@ -309,12 +315,12 @@ def main():
             line = (r.stdout.strip().splitlines() or [r.stderr[-300:]])[-1]
             log({"peak": line})
 
-    print("\ncase | variant | ms (median) | min-max | TFLOP/s | temp GiB | rel err vs first | tiling")
+    print("\ncase | variant | ms (median) | min-max | TFLOP/s | temp GiB | rel err vs first | [N,V] bufs | tiling")
     for r in rows:
         short = r["tiling"].replace("BlockSizes", "").replace("block_", "").replace("num_", "")
         print(
             f"{r['case']} | {r['variant']} | {r['ms']:.3f} | {r['ms_min']:.3f}-{r['ms_max']:.3f} | "
-            f"{r['tflops']:.0f} | {r['temp_gib']:.2f} | {r['max_rel_err_vs_first']:.1e} | {short}"
+            f"{r['tflops']:.0f} | {r['temp_gib']:.2f} | {r['max_rel_err_vs_first']:.1e} | {r['nv_buffers']} | {short}"
         )
 
 

@@ -186,7 +186,9 @@ class KernelConfig:
     # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
     attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     mlp: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
-    loss: Literal["xla", "pallas"] = "xla"  # "pallas": fused head + softcap + CE, no [N, V] logits
+    # "xla_fused": head + softcap ('isru', 'tanh') + CE as one custom VJP in XLA, no f32 [N, V];
+    # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token.
+    loss: Literal["xla", "xla_fused", "pallas"] = "xla"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,7 +224,7 @@ class ModelConfig:
         _check_choice(node + ".head", "softcap", self.head.softcap, ("none", "tanh", "isru", "sigmoid"))
         _check_choice(node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas"))
         _check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
-        _check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "pallas"))
+        _check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             _check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
         _check(
@@ -234,10 +236,11 @@ class ModelConfig:
             self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
             f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
         )
+        caps = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}[self.kernels.loss]
         _check(
-            self.kernels.loss == "xla" or (self.head.softcap == "isru" and not self._record_head),
-            "model.kernels.loss='pallas' supports softcap 'isru' without FP8 or multi-token loss, not "
-            f"model.head={self.head}",
+            caps is None or (self.head.softcap in caps and not self._record_head),
+            f"model.kernels.loss={self.kernels.loss!r} supports softcap {' or '.join(map(repr, caps or ()))} "
+            f"without FP8 or multi-token loss, not model.head={self.head}",
         )
         self._check_rope()
         self._check_layers()
@@ -500,6 +503,9 @@ class TrainConfig:
     steps: int = 3250
     micro_batch_seqs: int = 64  # sequences per device per forward/backward; rest is accumulation
     val_every: int = 125
+    # From 90% of train.steps on, validate every this many steps instead (0: keep val_every);
+    # train_gpt_simple.py: 125 steps, then 25 from 90% (its val_step_freq).
+    val_every_late: int = 0
     seed: int = 0
     out_dir: str = "runs"
     progress: bool = True  # a progress bar on a terminal; plain lines otherwise
@@ -520,6 +526,7 @@ class TrainConfig:
         _check(self.ckpt_keep > 0, f"train.ckpt_keep={self.ckpt_keep} must be positive")
         _check(self.micro_batch_seqs > 0, f"train.micro_batch_seqs={self.micro_batch_seqs} must be positive")
         _check(self.val_every >= 0, f"train.val_every={self.val_every} must be >= 0 (0: only at the end)")
+        _check(self.val_every_late >= 0, f"train.val_every_late={self.val_every_late} must be >= 0 (0: off)")
         _check(self.sample_tokens >= 0, f"train.sample_tokens={self.sample_tokens} must be >= 0")
 
 

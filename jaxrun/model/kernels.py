@@ -1,7 +1,7 @@
 """Kernel choice in one place: the config names an implementation, this maps it.
 
-The model calls `attention(cfg)(q, k, v, ...)`, `mlp(cfg)(h, ...)` and reads
-`fused_loss(cfg)`; it never branches on the implementation itself (as
+The model calls `attention(cfg)(q, k, v, ...)`, `mlp(cfg)(h, ...)` and
+`fused_loss(cfg)(h, w, targets, ...)`; it never branches on the implementation itself (as
 tokamax's ops take `implementation=`). Pallas kernels run compiled on a GPU
 and in the interpreter elsewhere (CPU tests).
 """
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrun.config import ModelConfig
+from jaxrun.model import head_loss
 
 
 def interpret() -> bool:
@@ -116,13 +117,18 @@ def relu2_mlp(cfg: ModelConfig) -> Callable[..., jax.Array]:
     return _RELU2_MLP[cfg.kernels.mlp]
 
 
-def fused_loss(cfg: ModelConfig) -> bool:
-    """Whether the head and loss run as one fused kernel (`fused_softcap_ce`)."""
-    return cfg.kernels.loss == "pallas"
-
-
-def fused_softcap_ce(h_ND, w_DV, targets_N, b_V, *, cap, cap_value):
+def _softcap_ce_pallas(h_ND, w_DV, targets_N, b_V, *, cap, cap_value):
     """Head matmul, softcap and cross-entropy in one Pallas kernel: no [N, V] logits in memory."""
     from pallas_kernels.softcap_ce import softcap_ce
 
     return softcap_ce(h_ND, w_DV, targets_N, b_V, cap=cap, cap_value=cap_value, interpret=interpret())
+
+
+# "xla_fused": one custom VJP in XLA, bf16 logits saved once, no float32 [N, V] (jaxrun.model.head_loss)
+_LOSS = {"xla_fused": head_loss.softcap_ce, "pallas": _softcap_ce_pallas}
+
+
+def fused_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
+    """`fn(h [N, D], w [D, V], targets [N], b [V], *, cap, cap_value) -> losses [N]` when the head
+    and loss run fused; None for the plain autodiff path ("xla")."""
+    return _LOSS.get(cfg.kernels.loss)
