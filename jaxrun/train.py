@@ -10,6 +10,7 @@ speedrun's rule), then trains, evaluating and logging in the speedrun's format.
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, NamedTuple
 
@@ -307,6 +308,14 @@ def make_untie(state: TrainState):
     return jax.jit(untie, out_shardings=shardings, donate_argnums=(0,))
 
 
+def val_due(cfg: Config, step: int) -> bool:
+    """Whether the loop validates before `step`: every val_every steps, every val_every_late from 90%
+    of the run on (train_gpt_simple.py's rule, `step / steps < 0.9`), and always at the end."""
+    t = cfg.train
+    every = t.val_every_late if t.val_every_late and step >= 0.9 * t.steps else t.val_every
+    return step == t.steps or (every > 0 and step % every == 0)
+
+
 def tokens_trained(cfg: Config, steps: int) -> int:
     stages = data_stages(cfg)
     return sum(data_lib.stage_at(step, stages).tokens for step in range(steps))
@@ -326,8 +335,11 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     into it. SIGTERM and SIGINT save a checkpoint at the next step boundary and
     return early, with `stopped_by` set (see `jaxrun.loop_control`).
     """
-    with loop_control.StopSignals() as stop:
-        return _run(cfg, resume, stop)
+    try:
+        with loop_control.StopSignals() as stop:
+            return _run(cfg, resume, stop)
+    finally:
+        gc.unfreeze()  # _run freezes the objects made during setup for the loop (see there)
 
 
 def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dict[str, Any]:
@@ -382,19 +394,29 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     steps, val_loss = cfg.train.steps, float("nan")
     progress = log.progress(steps)
     pending = None  # (step, metrics) dispatched but not yet read
+    last_read = 0.0  # when the previous step's metrics arrived (or the clock last started)
 
     def read_pending():
-        log.train_metrics(*pending)
-        progress.update(pending[0])
-        if not loop_control.all_finite(pending[1]):  # stop, naming the leaves that went non-finite
+        nonlocal last_read
+        done, metrics = pending[0], jax.device_get(pending[1])  # one transfer; waits for that step
+        now = time.perf_counter()
+        # With the next step already queued, the time between two reads is the device's step time.
+        log.train_metrics(done, {**metrics, "step_ms": 1000 * (now - last_read)})
+        last_read = now
+        progress.update(done)
+        if not loop_control.all_finite(metrics):  # stop, naming the leaves that went non-finite
             stream.set_state(data_state)
             fresh = init_state(cfg, key, mesh)
-            loop_control.stop_nonfinite(ckpt, *pending, fresh, stream, compiled, next_batch)
+            loop_control.stop_nonfinite(ckpt, done, metrics, fresh, stream, compiled, next_batch)
 
-    t0 = time.perf_counter()
+    # Setup made millions of long-lived objects (jax, the compiled steps); frozen, the cyclic
+    # collector's full passes skip them instead of stalling the loop for tens of milliseconds.
+    gc.collect()
+    gc.freeze()
+    t0 = last_read = time.perf_counter()
     for step in range(start, steps + 1):
         last = step == steps
-        if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
+        if val_due(cfg, step):
             jax.block_until_ready(state)
             # the clock stops for eval; t0 now times the eval
             t0, train_ms = time.perf_counter(), train_ms + 1000 * (time.perf_counter() - t0)
@@ -407,6 +429,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
             val_loss = evaluate(eval_steps[mode], state.params, val, cfg, mesh)
             log.val(step, val_loss, train_ms, train_ms / step if step else float("nan"))
             t0, eval_s = time.perf_counter(), eval_s + time.perf_counter() - t0
+            last_read = t0
         if last:
             break
         state, metrics = compiled(state, next_batch(), step)

@@ -1,0 +1,58 @@
+"""The train loop's cadence and its per-step records: validation rule, step times."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxrun import train
+from jaxrun.config import apply_overrides
+from tests.test_train import _shards
+
+
+def _val_steps(cfg):
+    return [s for s in range(cfg.train.steps + 1) if train.val_due(cfg, s)]
+
+
+def test_val_every_late_follows_train_gpt_simple(tiny_cfg):
+    """train_gpt_simple.py: every 125 steps, every 25 once step / steps >= 0.9, and at the end."""
+    cfg = apply_overrides(tiny_cfg, ["train.steps=3250", "train.val_every=125", "train.val_every_late=25"])
+    script = [s for s in range(3251) if s == 3250 or s % (125 if s / 3250 < 0.9 else 25) == 0]
+    assert _val_steps(cfg) == script
+    assert _val_steps(cfg)[-8:] == [3075, 3100, 3125, 3150, 3175, 3200, 3225, 3250]
+
+
+@pytest.mark.parametrize(
+    "late, expected", [(0, [0, 40, 80, 100]), (5, [0, 40, 80, 90, 95, 100])], ids=["off", "every5"]
+)
+def test_val_every_late_switch(tiny_cfg, late, expected):
+    cfg = apply_overrides(tiny_cfg, ["train.steps=100", "train.val_every=40", f"train.val_every_late={late}"])
+    assert _val_steps(cfg) == expected
+
+
+def test_val_every_zero_is_only_the_end(tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["train.steps=10", "train.val_every=0", "train.val_every_late=0"])
+    assert _val_steps(cfg) == [10]
+
+
+def test_run_logs_late_vals_and_step_times(tiny_cfg, tmp_path):
+    """A whole run validates on the late cadence and records each step's time in metrics.jsonl."""
+    train_files, val_files = _shards(tmp_path)
+    cfg = apply_overrides(
+        tiny_cfg,
+        [
+            f"data.train_files={train_files}",
+            f"data.val_files={val_files}",
+            f"train.out_dir={tmp_path / 'runs'}",
+            "train.steps=10",
+            "train.val_every=4",
+            "train.val_every_late=1",
+            "train.micro_batch_seqs=1",
+            "model.num_layers=1",
+        ],
+    )
+    out = train.run(cfg)
+    records = [json.loads(line) for line in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 8, 9, 10]
+    step_ms = [r["step_ms"] for r in records if "train_loss" in r]
+    assert len(step_ms) == 10 and all(ms > 0 for ms in step_ms)
