@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxrun.config import ModelConfig
 from jaxrun.model import kernels
-from jaxrun.model.layers import Initializer, Params, init_norm, linear, rms_norm, scaled
+from jaxrun.model.layers import Initializer, Params, init_norm, linear, rms_norm, mul, scaled
 from jaxrun.model.plan import LayerPlan
 from jaxrun.param_table import OptimRow
 
@@ -203,7 +203,7 @@ def forward(
         q_BTHK, k_BTHK, v_BTHK, scale=scale, segment_ids_BT=segment_ids_BT, window=window
     ).reshape(B, T, H, K)
     if "gate" in p:
-        y_BTHK = y_BTHK * jax.nn.sigmoid(h_BTD[..., :GATE_WIDTH] @ p["gate"].astype(dtype))[..., None]
+        y_BTHK = mul(y_BTHK, jax.nn.sigmoid(h_BTD[..., :GATE_WIDTH] @ p["gate"].astype(dtype))[..., None])
     return linear(y_BTHK.reshape(B, T, H * K), p | w, "w_o", "b_o")
 
 
@@ -244,5 +244,5 @@ def _value_embedding(gate_w: jax.Array, h_BTD, ve_BTD, lp: LayerPlan, cfg: Model
     u = h_BTD[..., :GATE_WIDTH] if lp.paired else jnp.concatenate([h_BTD[..., :half], ve_BTD[..., :half]], -1)
     g_BTH = 2 * jax.nn.sigmoid(u @ gate_w[lp.value_table].astype(dtype))
     if lp.paired:  # gate h of token t goes with virtual position 2t + h // (H/2), group h mod H/2
-        return (g_BTH.reshape(B, 2 * T, H // 2, 1) * ve_BTD.reshape(B, 2 * T, H // 2, K)).reshape(B, T, D)
-    return (g_BTH[..., None] * ve_BTD.reshape(B, T, H, K)).reshape(B, T, D)
+        return mul(ve_BTD.reshape(B, 2 * T, H // 2, K), g_BTH.reshape(B, 2 * T, H // 2, 1)).reshape(B, T, D)
+    return mul(ve_BTD.reshape(B, T, H, K), g_BTH[..., None]).reshape(B, T, D)

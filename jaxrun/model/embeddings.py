@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxrun.config import ModelConfig
 from jaxrun.model.attention import Mode
-from jaxrun.model.layers import Initializer, Params, init_norm, norm
+from jaxrun.model.layers import Initializer, Params, init_norm, norm, mul
 from jaxrun.param_table import OptimRow
 
 # Hash multipliers of record #77's bigram embedding
@@ -94,7 +94,7 @@ def smear(p: Params, x_BTD: jax.Array) -> jax.Array:
     dtype = x_BTD.dtype
     gate_BT1 = jax.nn.sigmoid(x_BTD[:, 1:, : p["gate"].shape[0]] @ p["gate"].astype(dtype))
     gate_BT1 = (p["lambda"] * gate_BT1.astype(jnp.float32)).astype(dtype)
-    return jnp.concatenate([x_BTD[:, :1], x_BTD[:, 1:] + gate_BT1 * x_BTD[:, :-1]], axis=1)
+    return jnp.concatenate([x_BTD[:, :1], x_BTD[:, 1:] + mul(x_BTD[:, :-1], gate_BT1)], axis=1)
 
 
 def value_embeddings(params: Params, tokens_BT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, ...]:

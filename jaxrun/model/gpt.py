@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxrun.config import Config, ModelConfig
 from jaxrun.model import attention, embeddings, head, mlp, residual
 from jaxrun.model.attention import Mode
-from jaxrun.model.layers import Initializer, Params, norm
+from jaxrun.model.layers import Initializer, Params, norm, mul
 from jaxrun.model.plan import LayerPlan, layer_plan
 
 
@@ -54,7 +54,7 @@ def _layer(x_BTD, lp: LayerPlan, layer: Params, res: Params, cfg: ModelConfig, m
     `layer` holds this layer's slices of the stacked block params (see `_layer_params`).
     """
     if lp.skip_in:
-        x_BTD = x_BTD + residual.skip_gate(res, ctx["x0"]) * ctx["skip"]
+        x_BTD = x_BTD + mul(ctx["skip"], residual.skip_gate(res, ctx["x0"]))
     elif lp.attn_slot is not None:
         source = ctx["saved"] if lp.reads_saved else x_BTD
         h_BTD = norm(source, layer.get("attn_norm", {}), cfg)

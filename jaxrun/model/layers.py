@@ -66,6 +66,16 @@ def linear(x: jax.Array, p: Params, w: str, b: str) -> jax.Array:
     return y + lead(p[b].astype(x.dtype), y.ndim) if b in p else y
 
 
+def mul(x: jax.Array, s: jax.Array) -> jax.Array:
+    """x · s rounded once to x's dtype, for an s (lambda, gate) that broadcasts over x.
+
+    The product runs in float32 so that s's gradient is summed in float32, as torch accumulates:
+    XLA on the CPU sums a bf16 reduction in bf16, which loses most of a lambda's gradient over
+    B·T·D terms. The forward equals the plain product in x's dtype.
+    """
+    return (x.astype(jnp.float32) * s.astype(jnp.float32)).astype(x.dtype)
+
+
 def scaled(lam: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """A float32 scalar times a weight, rounded once to `dtype` (torch's 0-dim × bf16 tensor)."""
     return (lam.astype(jnp.float32) * w.astype(dtype).astype(jnp.float32)).astype(dtype)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrun.config import ModelConfig
-from jaxrun.model.layers import Params
+from jaxrun.model.layers import Params, mul
 from jaxrun.param_table import OptimRow
 
 SKIP_GATE_WIDTH = 12
@@ -52,7 +52,7 @@ def start(p: Params, x0_BTD: jax.Array, bigram_BTD: jax.Array | None) -> jax.Arr
     """The residual entering layer 0: x0, plus the first bigram injection."""
     if bigram_BTD is None:
         return x0_BTD
-    return x0_BTD + bigram_BTD * _lam(p, "bigram_lambdas", 0, dtype=x0_BTD.dtype)
+    return x0_BTD + mul(bigram_BTD, _lam(p, "bigram_lambdas", 0, dtype=x0_BTD.dtype))
 
 
 def after_attention(p: Params, i: int, x_BTD, a_BTD, x0_BTD, bigram_BTD) -> jax.Array:
@@ -60,10 +60,10 @@ def after_attention(p: Params, i: int, x_BTD, a_BTD, x0_BTD, bigram_BTD) -> jax.
     if "resid_lambdas" not in p:
         return x_BTD + a_BTD
     dtype = x_BTD.dtype
-    x_BTD = _lam(p, "resid_lambdas", i, 0, dtype=dtype) * x_BTD + _lam(p, "post_lambdas", i, 0, dtype=dtype) * a_BTD
-    inject = x0_BTD * _lam(p, "x0_lambdas", i, dtype=dtype)
+    x_BTD = mul(x_BTD, _lam(p, "resid_lambdas", i, 0, dtype=dtype)) + mul(a_BTD, _lam(p, "post_lambdas", i, 0, dtype=dtype))
+    inject = mul(x0_BTD, _lam(p, "x0_lambdas", i, dtype=dtype))
     if bigram_BTD is not None and i > 0:  # layer 0's share entered with `start`
-        inject = inject + bigram_BTD * _lam(p, "bigram_lambdas", i, dtype=dtype)
+        inject = inject + mul(bigram_BTD, _lam(p, "bigram_lambdas", i, dtype=dtype))
     return x_BTD + inject
 
 
@@ -71,7 +71,7 @@ def after_mlp(p: Params, i: int, x_BTD, m_BTD) -> jax.Array:
     if "resid_lambdas" not in p:
         return x_BTD + m_BTD
     dtype = x_BTD.dtype
-    return _lam(p, "resid_lambdas", i, 1, dtype=dtype) * x_BTD + _lam(p, "post_lambdas", i, 1, dtype=dtype) * m_BTD
+    return mul(x_BTD, _lam(p, "resid_lambdas", i, 1, dtype=dtype)) + mul(m_BTD, _lam(p, "post_lambdas", i, 1, dtype=dtype))
 
 
 def skip_gate(p: Params, x0_BTD: jax.Array) -> jax.Array:
