@@ -50,6 +50,14 @@ ADAM_TABLE = {
 NORMUON_PARAMS = ("attn_bank", "mlp_bank")
 
 
+def matrices(name: str, t: Tensor) -> Tensor:
+    """The bank as the stack of matrices NorMuon orthogonalizes one by one: the source's `.reshape`.
+
+    attn_bank [La, 4D, D] is 4·La square matrices (Q, K, V, O apart), mlp_bank [12, 2, F, D] 24 of [F, D].
+    """
+    return t.reshape(-1, t.shape[-1], t.shape[-1]) if name == "attn_bank" else t.reshape(-1, *t.shape[-2:])
+
+
 @dataclass(frozen=True)
 class Stage:
     lr_mul: float
@@ -138,7 +146,7 @@ class NorMuonAndAdam:
         self.state: dict[str, dict] = {}
         for name, p in self.params.items():
             if name in NORMUON_PARAMS:
-                mats = p.view(-1, *p.shape[-2:])
+                mats = matrices(name, p.data)
                 rows, cols = mats.shape[-2:]
                 red = (mats.size(0), rows, 1) if rows >= cols else (mats.size(0), 1, cols)
                 self.state[name] = dict(momentum=torch.zeros_like(mats), second=torch.zeros(red, device=p.device))
@@ -148,7 +156,7 @@ class NorMuonAndAdam:
 
     def _normuon(self, name: str, p: Tensor, grad: Tensor, lr: float, momentum: float) -> None:
         st = self.state[name]
-        mats, g = p.data.view(-1, *p.shape[-2:]), grad.reshape(-1, *p.shape[-2:]).float()
+        mats, g = matrices(name, p.data), matrices(name, grad).float()
         st["momentum"].lerp_(g, 1 - momentum)
         g = g.lerp(st["momentum"], momentum)
         rows, cols = mats.shape[-2:]
