@@ -39,7 +39,8 @@ def _schedule(request) -> Schedule:
 
 
 def export_params(model: GPT77) -> dict[str, np.ndarray]:
-    return convert.torch_to_jax({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+    # copies: a numpy view of a live tensor would change with later steps before it is saved
+    return convert.torch_to_jax({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
 
 
 def load_params(model: GPT77, flat: dict[str, np.ndarray]) -> None:
