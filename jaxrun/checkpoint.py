@@ -175,6 +175,7 @@ def _refusal(step_dir: Path, changes: list[str], devices: int, old: dict, new: d
 
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(" See full TensorStore details")[0]  # then a repr of the whole store spec
     return f"{type(error).__name__}: {text[:160]}"
 
 
