@@ -10,6 +10,7 @@
   python launch.py sample RUN --prompt "..." --tokens 100  # generate text (see `sample --help`)
   python launch.py data prepare --input DIR --out DIR  # text -> shards (see `data --help`)
   python launch.py bench --config simple --compare torch --steps 60  # XLA vs PyTorch (see `bench --help`)
+  python launch.py profile --config simple --steps 3  # kernel time per step by category
 
 Loads a config module, applies dotted overrides, sets the XLA flags and the
 compilation cache, joins a multi-host run if there is one (SLURM, Open MPI, or
@@ -90,6 +91,10 @@ def _main(argv: list[str]) -> int:
         from benchmarks import bench
 
         return bench.main(argv[1:], load_config)
+    if argv[:1] == ["profile"]:  # kernel time per step by category (benchmarks/profile_step.py)
+        from benchmarks import profile_step
+
+        return profile_step.main(argv[1:], load_config)
     if argv[:1] in (["data"], ["eval"], ["sample"]):
         from jaxrun import cli
 

@@ -56,3 +56,14 @@ def test_run_logs_late_vals_and_step_times(tiny_cfg, tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 8, 9, 10]
     step_ms = [r["step_ms"] for r in records if "train_loss" in r]
     assert len(step_ms) == 10 and all(ms > 0 for ms in step_ms)
+
+
+def test_loop_overhead_summary_windows():
+    """benchmarks/loop_overhead.py: step 0 is left out, windows are a third of short runs, 100 steps at most."""
+    from benchmarks import loop_overhead
+
+    short = loop_overhead.summary([500.0] + [10.0] * 6 + [12.0] * 3)  # 9 steady steps: windows of 3
+    assert short["window"] == 3 and short["ms_per_step"] == pytest.approx(32 / 3)
+    assert short["last_over_first"] == pytest.approx(1.2)
+    long = loop_overhead.summary([0.0] + [1.0] * 300 + [2.0] * 100)
+    assert long["window"] == 100 and long["last_over_first"] == pytest.approx(2.0)

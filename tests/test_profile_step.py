@@ -1,0 +1,82 @@
+"""The profile command: HLO-based kernel categories, trace parsing, and a whole run on the CPU."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import profile_step
+
+
+def _hlo():
+    def f(a, b):
+        y = jnp.tanh(a @ b)
+        return y.sum(axis=0), (y * 2.0).T
+
+    a = jax.random.normal(jax.random.key(0), (64, 32))
+    b = jax.random.normal(jax.random.key(1), (32, 48))
+    return jax.jit(f).lower(a, b).compile().as_text()
+
+
+def test_hlo_categories_name_matmul_and_reductions():
+    cats = profile_step.hlo_categories(_hlo())
+    assert "matmul" in cats.values()
+    assert "reductions" in cats.values()
+    assert set(cats.values()) <= set(profile_step.CATEGORIES)
+
+
+@pytest.mark.parametrize(
+    "name, category",
+    [
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "collectives"),
+        ("MemcpyDtoD", "copies"),
+        ("input_reduce_fusion_7", "reductions"),
+        ("loop_multiply_fusion_3", "elementwise"),
+        ("some_unknown_kernel", "other"),
+    ],
+)
+def test_library_kernels_by_name(name, category):
+    assert profile_step.classify(name, {}, {}) == category
+
+
+def test_breakdown_of_a_gpu_trace_sums_stream_kernels_per_step():
+    """Events on the device's stream lines count, by their HLO op; host lines and other device lines do not."""
+    hlo_cats = {profile_step._norm("fusion.1"): "reductions"}
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "python"}},
+    ]
+    kernels = [
+        {"ph": "X", "pid": 1, "tid": 7, "name": "nvjet_gemm", "dur": 3000.0},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "input_fusion", "dur": 1000.0, "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 1, "tid": 8, "name": "fusion.1", "dur": 1000.0},  # the derived op line
+        {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "dur": 9000.0},
+    ]
+    events, source = profile_step.kernel_events({"traceEvents": meta + kernels})
+    assert source == "gpu streams" and len(events) == 2
+    assert profile_step.classify("input_fusion", {"hlo_op": "fusion.1"}, hlo_cats) == "reductions"
+
+
+def test_profile_command_on_cpu(tmp_path):
+    """`launch.py profile` on a one-layer model: a JSON whose categories hold the traced time, and a PNG."""
+    import launch
+
+    tiny = [
+        "model.num_layers=1", "model.head_dim=16", "model.model_dim=64", "model.vocab_size=256",
+        "model.max_seq_len=64", "data.seq_len=64", "data.batch_seqs=8", "train.micro_batch_seqs=8",
+        "mesh.num_devices=1",
+    ]  # fmt: skip
+    argv = ["profile", "--config", "simple", "--steps", "2", "--out", str(tmp_path)]
+    assert launch.main(argv + [a for t in tiny for a in ("--set", t)]) == 0
+    result = json.loads((tmp_path / "profile_step.json").read_text())
+    assert result["source"] == "cpu client threads"
+    assert result["ms_per_step"]["matmul"] > 0
+    assert result["total_ms_per_step"] == pytest.approx(sum(result["ms_per_step"].values()))
+    assert (tmp_path / "profile_step.png").stat().st_size > 0
