@@ -30,24 +30,56 @@ def lead(v: jax.Array, ndim: int) -> jax.Array:
 
 def rms_norm(x: jax.Array) -> jax.Array:
     """x / sqrt(mean(x²) + eps) over the last axis, in float32, back in x's dtype."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + F32_EPS)).astype(x.dtype)
+    return _rms_norm(x, None)
 
 
 def norm(x: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
     """The model's norm (LayerNorm or RMSNorm) with its optional gain and bias `p`."""
+    if cfg.norm == "rmsnorm":
+        return _rms_norm(x, p.get("gain"))
     xf = x.astype(jnp.float32)
-    if cfg.norm == "layernorm":
-        xf = xf - xf.mean(-1, keepdims=True)
-        eps = 1e-5
-    else:
-        eps = F32_EPS
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
+    xf = xf - xf.mean(-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-5)
     if "gain" in p:
         y = y * lead(p["gain"], y.ndim)
     if "bias" in p:
         y = y + lead(p["bias"], y.ndim)
     return y.astype(x.dtype)
+
+
+# RMSNorm with a hand-written backward. Autodiff of the float32 forward keeps two float32 copies
+# of the input ([N, D] and, for the QK norm, [N, H, K]) alive from the forward to the backward:
+# written once and read once per norm, for every norm of every layer. This keeps only x (in its
+# own dtype, bf16 in training) and the [N, 1] float32 rsqrt, and recomputes x·rsqrt in the
+# backward's fusion. Same function, same forward; the backward is the usual closed form.
+@jax.custom_vjp
+def _rms_norm(x: jax.Array, gain: jax.Array | None) -> jax.Array:
+    return _rms_norm_fwd(x, gain)[0]
+
+
+def _rms_norm_fwd(x, gain):
+    xf = x.astype(jnp.float32)
+    rstd = jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + F32_EPS)
+    y = xf * rstd
+    if gain is not None:
+        y = y * lead(gain, y.ndim)
+    return y.astype(x.dtype), (x, gain, rstd)
+
+
+def _rms_norm_bwd(res, g):
+    x, gain, rstd = res
+    x, rstd = jax.lax.optimization_barrier((x, rstd))  # or XLA shares the forward's float32 x·rsqrt
+    xhat = x.astype(jnp.float32) * rstd
+    gf = g.astype(jnp.float32)
+    gy = gf if gain is None else gf * lead(gain, gf.ndim)  # dL/d(x·rsqrt)
+    dx = rstd * (gy - xhat * jnp.mean(gy * xhat, -1, keepdims=True))
+    if gain is None:
+        return dx.astype(x.dtype), None
+    lead_axes = tuple(range(gf.ndim - gain.ndim))
+    return dx.astype(x.dtype), jnp.sum(gf * xhat, axis=lead_axes).astype(gain.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def init_norm(cfg: ModelConfig, *lead_shape: int) -> Params:
