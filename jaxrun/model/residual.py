@@ -60,7 +60,8 @@ def after_attention(p: Params, i: int, x_BTD, a_BTD, x0_BTD, bigram_BTD) -> jax.
     if "resid_lambdas" not in p:
         return x_BTD + a_BTD
     dtype = x_BTD.dtype
-    x_BTD = mul(x_BTD, _lam(p, "resid_lambdas", i, 0, dtype=dtype)) + mul(a_BTD, _lam(p, "post_lambdas", i, 0, dtype=dtype))
+    resid, post = _lam(p, "resid_lambdas", i, 0, dtype=dtype), _lam(p, "post_lambdas", i, 0, dtype=dtype)
+    x_BTD = mul(x_BTD, resid) + mul(a_BTD, post)
     inject = mul(x0_BTD, _lam(p, "x0_lambdas", i, dtype=dtype))
     if bigram_BTD is not None and i > 0:  # layer 0's share entered with `start`
         inject = inject + mul(bigram_BTD, _lam(p, "bigram_lambdas", i, dtype=dtype))
@@ -71,7 +72,8 @@ def after_mlp(p: Params, i: int, x_BTD, m_BTD) -> jax.Array:
     if "resid_lambdas" not in p:
         return x_BTD + m_BTD
     dtype = x_BTD.dtype
-    return mul(x_BTD, _lam(p, "resid_lambdas", i, 1, dtype=dtype)) + mul(m_BTD, _lam(p, "post_lambdas", i, 1, dtype=dtype))
+    resid, post = _lam(p, "resid_lambdas", i, 1, dtype=dtype), _lam(p, "post_lambdas", i, 1, dtype=dtype)
+    return mul(x_BTD, resid) + mul(m_BTD, post)
 
 
 def skip_gate(p: Params, x0_BTD: jax.Array) -> jax.Array:
