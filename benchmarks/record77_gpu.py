@@ -2,6 +2,7 @@
 
   python benchmarks/record77_gpu.py stages --data DIR [--steps-per-stage 40] [--out DIR]
   python benchmarks/record77_gpu.py side-by-side --data DIR [--steps 100] [--out DIR]
+  python benchmarks/record77_gpu.py ablate --data DIR [--steps 250] [--out DIR]
 
 `stages` compiles every step variant of the real schedule (timed, as the speedrun excludes it),
 then runs `--steps-per-stage` steps in each of the four stages (windows, YaRN, batch shape, tied
@@ -9,7 +10,9 @@ or not as the real schedule has them there) on the real packed data, timing each
 sync, and prints ms/step per stage, split into even (NorMuon only) and odd (NorMuon + Adam)
 steps, beside the record's 8×H100 figures. `side-by-side` runs jaxrun and the twin
 (benchmarks/torch_reference/record77*.py) for the first `--steps` steps from the same weights on
-the same batches, in bf16, and writes both loss curves (JSON and PNG). DIR holds llm.c shards
+the same batches, in bf16, and writes both loss curves (JSON and PNG). `ablate` trains the first
+`--steps` steps of the real schedule for the recipe and for each switch in ABLATIONS turned off,
+on the same data, and compares their val losses. DIR holds llm.c shards
 `train_*.bin` and `val_*.bin` (e.g. offline_english, unpacked).
 """
 
@@ -134,19 +137,27 @@ def stages(args) -> dict:
 
 
 def side_by_side(args) -> dict:
-    """jaxrun first (its losses, the batches, the init params), then the twin on the same inputs."""
+    """The twin first, then jaxrun, from the same init on the same batches (the twin's masked
+    attention needs most of the card; run with XLA_PYTHON_CLIENT_PREALLOCATE=false)."""
     import jax
 
-    from jaxrun import schedule, train
+    from jaxrun import model, schedule, sharding, train
 
     cfg = _config(args.data, tiny=args.tiny)
-    mesh, next_batch, _, state = _session(cfg)
-    params0 = {k: np.asarray(v) for k, v in _flat(jax.device_get(state.params)).items()}
-    steps: dict = {}  # jitted per mode, at first use: the first 100 steps need stage 0's only
-    batches, jax_losses, jax_ms = [], [], []
-    for step in range(args.steps):
-        batch = next_batch()
-        batches.append({k: np.asarray(v)[:, 0] for k, v in batch.items()})
+    key = jax.random.key(cfg.train.seed)
+    params0 = jax.jit(lambda k: model.init(k, cfg.model), backend="cpu")(key)  # what init_state draws
+    params0 = {k: np.asarray(v) for k, v in _flat(jax.device_get(params0)).items()}
+    mesh = sharding.make_mesh(cfg.mesh)
+    stream, _, _ = train._load_data(cfg, mesh)
+    batches = [next(stream) for _ in range(args.steps)]
+    torch_losses, torch_ms = _twin_run(cfg, params0, batches)
+
+    state = train.init_state(cfg, key, mesh)
+    assert np.array_equal(np.asarray(state.params["lm_head"]["w"]), params0["lm_head/w"])
+    steps: dict = {}  # jitted per mode at first use: the first 100 steps need stage 0's only
+    jax_losses, jax_ms = [], []
+    for step, local in enumerate(batches):
+        batch = sharding.global_batch(train._stack_micro(local, len(local["inputs"])), sharding.batch_sharding(mesh))
         mode = schedule.train_mode(cfg, step)
         if mode not in steps:
             steps[mode] = train.make_train_step(cfg, mesh, mode)
@@ -154,9 +165,6 @@ def side_by_side(args) -> dict:
         state, metrics = steps[mode](state, batch)
         jax_losses.append(float(metrics["train_loss"]))
         jax_ms.append(1000 * (time.perf_counter() - t0))
-    del state, steps
-    jax.clear_caches()
-    torch_losses, torch_ms = _twin_run(cfg, params0, batches)
     diff = np.abs(np.array(jax_losses) - np.array(torch_losses))
     out = {
         "steps": args.steps,
@@ -173,6 +181,48 @@ def side_by_side(args) -> dict:
             print(f"step {s}: jax {jax_losses[s]:.4f} twin {torch_losses[s]:.4f}")
     _plot(out, Path(args.out) / "record77_side_by_side.png")
     return out
+
+
+ABLATIONS = {
+    "record77": [],
+    "no value embeddings": ["model.embed.value=off"],
+    "no multi-token loss": ["model.head.multi_token=()"],
+    "full causal (no windows)": ["model.attn.windows.stages=((32,32),)", "model.attn.windows.final_eval=none"],
+}
+
+
+def ablate(args) -> dict:
+    """Val loss after the first `--steps` steps of the real schedule, for the recipe and each ablation."""
+    import jax
+
+    from jaxrun import schedule, train
+    from jaxrun.config import apply_overrides
+
+    results = {}
+    for name, overrides in ABLATIONS.items():
+        if args.only and name not in args.only:
+            continue
+        cfg = apply_overrides(_config(args.data, tiny=args.tiny), overrides)
+        mesh, next_batch, val, state = _session(cfg)
+        steps, t0 = {}, time.perf_counter()
+        for step in range(args.steps):
+            mode = schedule.train_mode(cfg, step)
+            if mode not in steps:
+                steps[mode] = train.make_train_step(cfg, mesh, mode)
+            state, metrics = steps[mode](state, next_batch())
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - t0
+        eval_step = train.make_eval_step(cfg, mesh, schedule.eval_mode(cfg, args.steps))
+        val_loss = train.evaluate(eval_step, state.params, val, cfg, mesh)
+        results[name] = {"overrides": overrides, "val_loss": val_loss, "seconds_with_compile": seconds}
+        print(f"{name}: val_loss {val_loss:.4f} after {args.steps} steps ({seconds:.0f} s with compile)", flush=True)
+        del state, steps
+        jax.clear_caches()
+    base = results["record77"]["val_loss"] if "record77" in results else float("nan")
+    for name, r in results.items():
+        r["delta"] = r["val_loss"] - base
+        print(f"{name:28s} {r['val_loss']:.4f} ({r['delta']:+.4f})")
+    return results
 
 
 def _flat(tree, prefix=""):
@@ -197,7 +247,7 @@ def _twin_run(cfg, params0: dict, batches: list[dict]) -> tuple[list[float], lis
         vocab_size=m.vocab_size, model_dim=m.model_dim, num_heads=m.num_heads, head_dim=m.head_dim,
         block_size=m.attn.windows.block, dtype="bfloat16",
     )
-    model = GPT77(sizes).to(device)
+    model = GPT77(sizes, device=torch.device(device))
     worker.load_params(model, params0)
     trainer = Trainer(model, Schedule(1450, 40), polar_dtype=torch.bfloat16)
     losses, ms = [], []
@@ -217,6 +267,9 @@ def _twin_run(cfg, params0: dict, batches: list[dict]) -> tuple[list[float], lis
         ms.append(1000 * (time.perf_counter() - t0))
         losses.append(loss / T)
         print(f"twin step {step}: {losses[-1]:.4f} ({ms[-1]:.0f} ms)", flush=True)
+    del trainer, model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the card goes back to jaxrun
     return losses, ms
 
 
@@ -241,14 +294,15 @@ def _plot(out: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("stages", "side-by-side"))
+    p.add_argument("what", choices=("stages", "side-by-side", "ablate"))
     p.add_argument("--data", required=True)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--steps-per-stage", type=int, default=40)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tiny", action="store_true", help="a CPU-sized model, to check this script")
+    p.add_argument("--only", nargs="*", help="ablate: run only these entries of ABLATIONS")
     args = p.parse_args(argv)
-    result = stages(args) if args.what == "stages" else side_by_side(args)
+    result = {"stages": stages, "side-by-side": side_by_side, "ablate": ablate}[args.what](args)
     out = Path(args.out) / f"record77_{args.what.replace('-', '_')}.json"
     out.write_text(json.dumps(result, indent=1))
     return 0

@@ -158,14 +158,15 @@ def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
         )
 
 
-def _local_grads(cfg: Config, axes: tuple[str, ...], mode: model.Mode):
+def _local_grads(cfg: Config, axes: tuple[str, ...], mode: model.Mode | None = None):
     """Summed token loss, its gradient and the token count over this device's micro-batches."""
+    mode = schedule.train_mode(cfg, 0) if mode is None else mode
 
     def summed_loss(params, micro, multi_token_weights):
         losses_BT = model.token_losses(params, micro, cfg.model, mode, multi_token_weights)
         return losses_BT.sum(), (micro["targets"] >= 0).sum()
 
-    def local_grads(params, batch, multi_token_weights):
+    def local_grads(params, batch, multi_token_weights=None):
         # Differentiate a per-device copy: gradients of the replicated params would come
         # back already psum-ed, once per micro-batch. Local sums are reduced once, outside.
         params = jax.lax.pcast(params, axes, to="varying")

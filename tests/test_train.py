@@ -179,7 +179,7 @@ def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=((2, 16, 64, 32),)))
     result = train.run(cfg)
     out = capsys.readouterr().out
-    assert "for 2 batch shape(s)" in out and "step:4/4 val_loss:" in out
+    assert "for 2 step variant(s)" in out and "step:4/4 val_loss:" in out
     assert np.isfinite(result["val_loss"])
     assert train.tokens_trained(cfg, 4) == 2 * 8 * 64 + 2 * 16 * 64
 
