@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import itertools
 import json
 import types
 import typing
@@ -540,6 +541,7 @@ class Config:
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
+        self._check_stages()
         _check(
             self.data.mode == "contiguous" or self.model.kernels.attention != "cudnn",
             "data.mode='documents' needs a document mask: model.kernels.attention 'xla' or 'pallas', not 'cudnn'",
@@ -549,6 +551,26 @@ class Config:
                 self.data.seq_len <= self.model.max_seq_len,
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
             )
+
+    def _check_stages(self) -> None:
+        """Stage-wise lr multipliers split the scheduled steps evenly, as record #77 rounds them:
+        the data stages must switch at the same steps (and fit in the run)."""
+        o, d = self.optim, self.data
+        _check(
+            o.extension_steps < self.train.steps,
+            f"optim.extension_steps={o.extension_steps} leaves no scheduled steps of train.steps={self.train.steps}",
+        )
+        if not o.lr_stage_muls or not d.stages:
+            return
+        scheduled = self.train.steps - o.extension_steps
+        fractions = itertools.accumulate([1 / len(o.lr_stage_muls)] * (len(o.lr_stage_muls) - 1))
+        starts = tuple(round(c * scheduled) for c in fractions)
+        _check(
+            tuple(stage[0] for stage in d.stages) == starts,
+            f"data.stages switch at steps {tuple(stage[0] for stage in d.stages)}, but optim.lr_stage_muls "
+            f"splits the {scheduled} scheduled steps (train.steps - optim.extension_steps) at {starts}: "
+            "set data.stages to those steps",
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -577,7 +599,8 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
                 return text
             continue
         if typing.get_origin(option) is tuple:
-            return _parse_tuple(text, key)
+            rows = typing.get_origin((typing.get_args(option) or (None,))[0]) is tuple
+            return _parse_tuple(text, key, rows)
         if option is bool:
             if text.lower() in ("true", "1", "yes"):
                 return True
@@ -596,8 +619,9 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
     raise ConfigError(f"--set {key}={text!r}: not a valid value of type {annotation}")
 
 
-def _parse_tuple(text: str, key: str) -> tuple:
-    """A Python literal of nested tuples or lists, as tuples; one bare row `(a, b, ...)` is wrapped."""
+def _parse_tuple(text: str, key: str, rows: bool) -> tuple:
+    """A Python literal of nested tuples or lists, as tuples; for a field of rows (a tuple of
+    tuples), one bare row `(a, b, ...)` is wrapped."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -608,7 +632,7 @@ def _parse_tuple(text: str, key: str) -> tuple:
     value = as_tuple(value)
     if not isinstance(value, tuple):
         raise ConfigError(f"--set {key}={text!r}: not a tuple; write e.g. {key}='((100, 16, 1024, None),)'")
-    return (value,) if value and not isinstance(value[0], tuple) else value
+    return (value,) if rows and value and not isinstance(value[0], tuple) else value
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

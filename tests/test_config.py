@@ -141,3 +141,30 @@ def test_data_stages_parse_from_the_command_line():
         apply_overrides(cfg, ["data.stages=((100, 'a', 1024, None),)"])
     with pytest.raises(ConfigError, match="ranks=8 buffers at a time, but a stage has batch_seqs=12"):
         apply_overrides(cfg, ["data.mode=record", "data.stages=((100, 12, 1024, None),)"])
+
+
+def test_record77_recipe():
+    cfg = launch.load_config("record77")
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_attn_layers) == (11, 768, 6, 10)
+    assert (m.attn.paired_layers, m.attn.skip_layers, m.embed.value.layers) == ((0, 2, 5, 9), (6,), (1, 2, 8, 9, 10))
+    assert (m.head.softcap, m.head.softcap_value, m.head.tie) == ("sigmoid", 23.0, "until_split")
+    assert (o.muon_lr, o.adam_lr, o.lr_stage_muls, o.extension_steps) == (0.023, 0.008, (1.0, 1.52, 1.73), 40)
+    assert cfg.train.steps == 1490 and d.stages == ((483, 8, 32768, 2048), (967, 8, 49152, 2048))
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.attn.rope.yarn=false", "model.attn.windows=off"], "model.attn.key_offset=True needs model.attn.windows"),
+        (["model.attn.skip_layers=()"], "model.residual.skip"),
+        (["model.head_dim=256"], "even head count"),
+        (["model.scan_layers=true"], "model.scan_layers=True needs identical layers"),
+        (["train.steps=300"], "set data.stages to those steps"),
+        (["model.embed.value.layers=(6,)"], "model.attn.skip_layers leaves without attention"),
+    ],
+)
+def test_record77_refuses_switches_that_cannot_work(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(launch.load_config("record77"), overrides)
+    assert fragment in str(err.value)
