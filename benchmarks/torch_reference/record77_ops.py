@@ -95,11 +95,30 @@ def doc_ids(cu_seqlens: Tensor, length: int) -> Tensor:
     return torch.searchsorted(cu_seqlens.to(torch.int64).contiguous(), pos, right=True) - 1
 
 
+# Above this many positions the CPU also takes the banded path (the dense mask is T×T); below it the
+# dense path keeps tiny float32 parity runs bit-identical to the reference. CUDA always takes it when
+# windowed: the dense mask sends SDPA down the math path with float32 T×T scores, 12 s per record step.
+DENSE_MAX_T = 4096
+# Query block of the banded path: each block of B queries reads the B + ceil(w/B)·B keys that can fall
+# in its windows, so a record step's work is ~T·(w+2B) per head instead of T².
+BAND_BLOCK = 128
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int | None, scale: float) -> Tensor:
     """FlashAttention-3 varlen with causal=True, window_size=(window, 0): query i sees keys i-window..i of its document.
 
     q, k, v: [T, H, K] (batch 1 flattened). `window=None` is full causal attention within documents.
+    Windowed attention on CUDA or past DENSE_MAX_T positions runs banded, the rest dense; both give
+    the same numbers up to float rounding.
     """
+    if window is not None and (q.is_cuda or q.size(0) > DENSE_MAX_T):
+        return banded_varlen_attention(q, k, v, cu_seqlens, window, scale)
+    return dense_varlen_attention(q, k, v, cu_seqlens, window, scale)
+
+
+def dense_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int | None,
+                           scale: float) -> Tensor:
+    """The reference: one T×T boolean mask (same document, causal, within the window) and one SDPA call."""
     T = q.size(0)
     docs = doc_ids(cu_seqlens, T)
     i = torch.arange(T, device=q.device)
@@ -111,6 +130,39 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
     )
     return y.transpose(0, 1)
+
+
+def banded_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int, scale: float,
+                            block: int = BAND_BLOCK) -> Tensor:
+    """`dense_varlen_attention` with a window, computed only where the window can reach.
+
+    Queries go in blocks of `block`; block n (positions nB..nB+B-1) sees at most keys nB-P..nB+B-1
+    with P = ceil(w/B)·B. Keys are padded with P positions in front (document -1, matching no query)
+    and read as overlapping [B+P] views (`unfold`, no copy), so one SDPA call with a per-block
+    [B, B+P] mask does all blocks as a batch; on CUDA that mask selects the memory-efficient kernel
+    in the activation dtype. Queries are padded up to a whole block; a padded query sees itself
+    (its own document id), so no softmax row is empty, and its output is dropped.
+    """
+    T, H, K = q.shape
+    w = min(window, T - 1)  # i - j < T always: a longer window changes nothing
+    B = min(block, T)
+    n_blocks = -(-T // B)
+    P = -(-w // B) * B
+    pad = n_blocks * B - T
+    docs = doc_ids(cu_seqlens, n_blocks * B)
+    docs = torch.cat([docs.new_full((P,), -1), docs])  # [P + nB]: the front padding is no document
+    k_NHSK = F.pad(k, (0, 0, 0, 0, P, pad)).unfold(0, B + P, B).transpose(-1, -2)
+    v_NHSK = F.pad(v, (0, 0, 0, 0, P, pad)).unfold(0, B + P, B).transpose(-1, -2)
+    q_NHBK = F.pad(q, (0, 0, 0, 0, 0, pad)).view(n_blocks, B, H, K).transpose(1, 2)
+    # query a of block n is position nB + a, key c is nB - P + c: the offset i - j = P + a - c for every n
+    a = torch.arange(B, device=q.device)[:, None]
+    c = torch.arange(B + P, device=q.device)[None, :]
+    band_BS = (P + a - c >= 0) & (P + a - c <= w)
+    docs_q_NB = docs[P:].view(n_blocks, B)
+    docs_k_NS = docs.unfold(0, B + P, B)
+    mask_NBS = band_BS & (docs_q_NB[:, :, None] == docs_k_NS[:, None, :])
+    y_NHBK = F.scaled_dot_product_attention(q_NHBK, k_NHSK, v_NHSK, attn_mask=mask_NBS[:, None], scale=scale)
+    return y_NHBK.transpose(1, 2).reshape(n_blocks * B, H, K)[:T]
 
 
 def fp8_e4m3(x: Tensor, scale: float) -> Tensor:

@@ -15,7 +15,15 @@ import torch
 
 from benchmarks.torch_reference import record77_convert as convert
 from benchmarks.torch_reference.record77 import PAIRED_LAYERS, VE_TABLE, Features, ForwardSchedule, GPT77, Record77Config
-from benchmarks.torch_reference.record77_ops import SoftcappedCE, bigram_hash, norm
+from benchmarks.torch_reference.record77_ops import (
+    DENSE_MAX_T,
+    SoftcappedCE,
+    banded_varlen_attention,
+    bigram_hash,
+    dense_varlen_attention,
+    norm,
+    varlen_attention,
+)
 from benchmarks.torch_reference.record77_optim import Batch, Schedule, Trainer, polar_express
 
 CFG = Record77Config(vocab_size=256, model_dim=96, num_heads=6, head_dim=16, max_seq_len=64, block_size=8)
@@ -115,6 +123,46 @@ def check_paired_interleave() -> None:
     assert layer in PAIRED_LAYERS and err < 1e-5, f"paired attention vs per-head reference: rel err {err:.2e}"
 
 
+def check_banded_attention() -> None:
+    """The banded attention path against the dense mask, values and gradients, in float32.
+
+    Layouts: the self-test's documents (boundaries at 20 and 41, so windows straddle them), a ragged
+    length with a block left partly empty, one-token documents, a paired layer's doubled sequence
+    (3 heads, cu_seqlens and window in virtual positions), and one document spanning the sequence.
+    Windows of 0, below, at and above the block size, and reaching past the sequence's start.
+    """
+    g = torch.Generator().manual_seed(7)
+    cases = [  # (length, heads, cu_seqlens, windows, block)
+        (T, 3, CU, (0, 5, 8, 19, 40, 100), 8),
+        (T, 3, CU, (7, 24), 16),
+        (61, 2, torch.tensor([0, 7, 30, 61]), (3, 13, 60), 8),
+        (40, 2, torch.tensor([0, 1, 2, 3, 4, 17, 18, 40, 40]), (2, 9), 4),
+        (2 * T, 3, 2 * CU, (17, 48), 16),
+        (T, 2, torch.tensor([0, T]), (T - 2, T - 1), 16),
+    ]
+    for length, heads, cu, windows, block in cases:
+        q, k, v = (torch.randn(length, heads, 16, generator=g, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn(length, heads, 16, generator=g)
+        for window in windows:
+            results = []
+            for fn in (dense_varlen_attention, lambda *a: banded_varlen_attention(*a, block=block)):
+                y = fn(q, k, v, cu, window, 0.3)
+                results.append((y, *torch.autograd.grad((y * grad_out).sum(), (q, k, v))))
+            for name, want, got in zip(("y", "dq", "dk", "dv"), *results):
+                err = (got - want).abs().max().item()
+                where = f"T={length} cu={cu.tolist()} w={window}"
+                assert err < 1e-5, f"banded vs dense {name}: {where}: {err:.2e}"
+    q, k, v = (torch.randn(T, 3, 16, generator=g) for _ in range(3))
+    tiny = varlen_attention(q, k, v, CU, 8, 0.3)
+    dense = dense_varlen_attention(q, k, v, CU, 8, 0.3)
+    assert torch.equal(tiny, dense), "tiny CPU runs must stay on the dense path"
+    long = DENSE_MAX_T + 1
+    q, k, v = (torch.randn(long, 1, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 1000, long])
+    banded = banded_varlen_attention(q, k, v, cu, 128, 0.3)
+    assert torch.equal(varlen_attention(q, k, v, cu, 128, 0.3), banded), "long CPU runs must take the banded path"
+
+
 def check_head_backward() -> None:
     """SoftcappedCE without FP8 against autograd of the plain formula; with FP8 close to it, yet quantized."""
     g = torch.Generator().manual_seed(3)
@@ -182,8 +230,8 @@ def check_polar_express() -> None:
         assert s.min() > 0.6 and s.max() < 1.25, s
 
 
-CHECKS = (check_converter_round_trip, check_paired_interleave, check_head_backward, check_polar_express,
-          check_feature_switches, check_training_decreases)
+CHECKS = (check_converter_round_trip, check_paired_interleave, check_banded_attention, check_head_backward,
+          check_polar_express, check_feature_switches, check_training_decreases)
 
 
 def main() -> int:
