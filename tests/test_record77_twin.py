@@ -1,9 +1,9 @@
 """The record-77 PyTorch twin on its own (benchmarks/torch_reference/record77*.py), in the torch interpreter.
 
-Its self-test (converter round trip, paired-head interleave against a per-head loop, FP8 head
-backward, feature switches, 14 scheduled steps that cross every stage and the split step), and the
-worker protocol that jaxrun's record-77 parity tests call: init -> grads -> train, checked for
-shapes, finiteness and the tied-gradient convention. Skips without a torch interpreter.
+Its self-test (converter round trip, paired-head interleave against a per-head loop, banded
+attention against the dense mask, FP8 head backward, feature switches, 14 scheduled steps that
+cross every stage and the split step), and the worker protocol that jaxrun's record-77 parity
+tests call: init -> grads -> train, checked for shapes, finiteness and the tied-gradient convention. Skips without a torch interpreter.
 """
 
 import json
@@ -47,7 +47,7 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
 
 def test_selftest(tmp_path):
     done = _run(["benchmarks.torch_reference.record77_selftest"], tmp_path)
-    assert done.stdout.count("ok ") == 6, done.stdout
+    assert done.stdout.count("ok ") == 7, done.stdout
 
 
 def test_worker_protocol(tmp_path):
