@@ -3,7 +3,8 @@
 Its self-test (converter round trip, paired-head interleave against a per-head loop, banded
 attention against the dense mask, FP8 head backward, feature switches, 14 scheduled steps that
 cross every stage and the split step), and the worker protocol that jaxrun's record-77 parity
-tests call: init -> grads -> train, checked for shapes, finiteness and the tied-gradient convention. Skips without a torch interpreter.
+tests call: init -> grads -> train, checked for shapes, finiteness and the tied-gradient convention.
+Skips without a torch interpreter.
 """
 
 import json
