@@ -116,3 +116,61 @@ def test_two_processes_match_one(tmp_path):
     for o in outs[:2]:
         np.testing.assert_allclose(o["losses"], outs[2]["losses"], rtol=1e-5)
         np.testing.assert_allclose(o["w_up_sum"], outs[2]["w_up_sum"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_record77_on_8_devices_matches_one():
+    """record77's step (NorMuon on layer-split banks, Adam on flat slices every other step, the
+    rank-mean loss, the tied embedding) gives one device's losses and params on 8 devices."""
+    import dataclasses
+
+    import launch
+    from jaxrun import schedule
+
+    r = dataclasses.replace
+    cfg = launch.load_config("record77")
+    m = r(
+        cfg.model,
+        vocab_size=256,
+        model_dim=96,
+        head_dim=16,
+        compute_dtype="float32",
+        attn=r(cfg.model.attn, windows=r(cfg.model.attn.windows, block=8)),
+    )
+    cfg = r(
+        cfg,
+        model=m,
+        optim=r(cfg.optim, muon_ns_dtype="float32"),
+        data=r(cfg.data, seq_len=32, max_doc_len=16),
+        train=r(cfg.train, progress=False),
+    )
+    rng = np.random.default_rng(7)
+    batches = []
+    for _ in range(2):  # an even step (NorMuon only), then an odd one (Adam too)
+        tokens = rng.integers(0, 256, (8, 33))
+        segments = np.cumsum(rng.random((8, 32)) < 0.1, axis=1)
+        batches.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments})
+    results = {}
+    for n in (1, 8):
+        mesh = sharding.make_mesh(MeshConfig(num_devices=n))
+        state = train.init_state(r(cfg, mesh=MeshConfig(num_devices=n)), jax.random.key(0), mesh)
+        step_fn = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0))
+        losses = []
+        for local in batches:
+            accum = 8 // n
+            batch = {k: v.reshape(accum, 8 // accum, 32).astype(np.int32) for k, v in local.items()}
+            state, metrics = step_fn(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)))
+            losses.append(float(metrics["train_loss"]))
+        results[n] = (losses, jax.device_get(state.params))
+    np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
+    # Leaf by leaf, relative to the leaf's norm: Adam's first step is ±lr wherever a gradient is
+    # nonzero, so an entry whose gradient is at rounding level may step either way.
+    for path, one in jax.tree_util.tree_leaves_with_path(results[1][1]):
+        eight = _leaf(results[8][1], path)
+        assert np.linalg.norm(eight - one) <= 1e-4 * max(np.linalg.norm(one), 1e-12), jax.tree_util.keystr(path)
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
