@@ -137,8 +137,8 @@ def stages(args) -> dict:
 
 
 def side_by_side(args) -> dict:
-    """The twin first, then jaxrun, from the same init on the same batches (the twin's masked
-    attention needs most of the card; run with XLA_PYTHON_CLIENT_PREALLOCATE=false)."""
+    """The twin first, then jaxrun, from the same init on the same batches (run with
+    XLA_PYTHON_CLIENT_PREALLOCATE=false, so the card is the twin's while it runs)."""
     import jax
 
     from jaxrun import model, schedule, sharding, train
