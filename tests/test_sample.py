@@ -54,6 +54,7 @@ def test_generate_text_compiles_once_and_samples(tiny_cfg):
     params = model.init(jax.random.key(0), tiny_cfg.model)
     mesh = sharding.make_mesh(tiny_cfg.mesh)  # placed as a run leaves them, on its mesh
     params = jax.device_put(jax.tree.map(lambda x: x + 0.1, params), sharding.replicated(mesh))
+    sample.generate_ids.clear_cache()  # earlier tests may have compiled this very signature
     before = sample.generate_ids._cache_size()
     settings = ((1.0, 0), (1.0, 1), (0.5, 2))
     texts = {sample.generate(params, tiny_cfg, "Hello", 8, temperature=t, seed=s) for t, s in settings}
