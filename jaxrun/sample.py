@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxrun import model
 from jaxrun.config import Config, ConfigError, ModelConfig
 from jaxrun.model import attention, embeddings, head, mlp, residual
-from jaxrun.model.gpt import _layer_params
+from jaxrun.model.gpt import layer_params
 from jaxrun.model.layers import linear, norm, rms_norm, scaled
 from jaxrun.tokenizer import get_tokenizer
 
@@ -60,14 +60,14 @@ def _attend(p, h_B1D, lp, cfg: ModelConfig, cache, pos, ve_B1D):
         cos, sin = (jax.lax.dynamic_slice_in_dim(t, pos, 1) for t in attention.rotary_tables(cfg, C, mode))
         q, k = (attention.rotate(x, cos, sin, cfg.attn.rope.pairing) for x in (q, k))
     if ve_B1D is not None:
-        v = v + attention._value_embedding(p["ve_gate"], h_B1D, ve_B1D, lp, cfg).reshape(v.shape)
+        v = v + attention.value_embedding(p["ve_gate"], h_B1D, ve_B1D, lp, cfg).reshape(v.shape)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)
     s_BHC = jnp.einsum("bhk,bchk->bhc", q[:, 0], k_cache, preferred_element_type=jnp.float32)
     s_BHC = s_BHC * attention.attention_scale(cfg, mode)
     keys = jnp.arange(C)
     mask_C = keys <= pos
-    if (window := attention._window(cfg, lp, mode)) is not None:
+    if (window := attention.window_tokens(cfg, lp, mode)) is not None:
         mask_C &= keys >= pos - window
     p_BHC = jax.nn.softmax(jnp.where(mask_C, s_BHC, -jnp.inf), axis=-1).astype(v_cache.dtype)
     y_B1HK = jnp.einsum("bhc,bchk->bhk", p_BHC, v_cache)[:, None]
@@ -99,7 +99,7 @@ def decode_step(params, tokens_B1, cfg: ModelConfig, caches, pos):
     ve = embeddings.value_embeddings(params, tokens_B1, cfg)
     x, skip, saved, caches = residual.start(res, x0, None), None, None, list(caches)
     for lp in model.layer_plan(cfg):
-        layer = _layer_params(params["blocks"], lp)
+        layer = layer_params(params["blocks"], lp)
         if lp.skip_in:
             x = x + residual.skip_gate(res, x0) * skip
         elif lp.attn_slot is not None:

@@ -186,7 +186,7 @@ def forward(
     if cfg.attn.qk_norm:
         q_BTHK, k_BTHK = rms_norm(q_BTHK), rms_norm(k_BTHK)
     scale = attention_scale(cfg, mode)
-    window = _window(cfg, lp, mode)
+    window = window_tokens(cfg, lp, mode)
     if lp.paired:
         q_BTHK, k_BTHK, v_BTHK, segment_ids_BT = _pair_heads(q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, cfg, mode)
     elif cfg.attn.rope is not None:
@@ -198,7 +198,7 @@ def forward(
         shifted = jnp.concatenate([still[:, :1], still[:, :-1]], axis=1)
         k_BTHK = jnp.concatenate([k_BTHK[:, :, :, : K // 2], shifted], axis=-1)
     if ve_BTD is not None:
-        v_BTHK = v_BTHK + _value_embedding(p["ve_gate"], h_BTD, ve_BTD, lp, cfg).reshape(v_BTHK.shape)
+        v_BTHK = v_BTHK + value_embedding(p["ve_gate"], h_BTD, ve_BTD, lp, cfg).reshape(v_BTHK.shape)
     y_BTHK = kernels.attention(cfg)(
         q_BTHK, k_BTHK, v_BTHK, scale=scale, segment_ids_BT=segment_ids_BT, window=window
     ).reshape(B, T, H, K)
@@ -207,7 +207,7 @@ def forward(
     return linear(y_BTHK.reshape(B, T, H * K), p | w, "w_o", "b_o")
 
 
-def _window(cfg: ModelConfig, lp: LayerPlan, mode: Mode) -> int | None:
+def window_tokens(cfg: ModelConfig, lp: LayerPlan, mode: Mode) -> int | None:
     """The layer's window in tokens (virtual positions on paired layers), or None."""
     if lp.window is None:
         return None
@@ -232,7 +232,7 @@ def _pair_heads(q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, cfg: ModelConfig, mode: 
     return q, k, v, seg
 
 
-def _value_embedding(gate_w: jax.Array, h_BTD, ve_BTD, lp: LayerPlan, cfg: ModelConfig) -> jax.Array:
+def value_embedding(gate_w: jax.Array, h_BTD, ve_BTD, lp: LayerPlan, cfg: ModelConfig) -> jax.Array:
     """The gated value embedding [B, T, D] to add to v, laid out as v is on this layer.
 
     Gate per head 2σ(w · u): u = [h[:6], ve[:6]] on plain layers, h[:12] on paired ones (record #77).

@@ -51,7 +51,7 @@ def default_mode(cfg: ModelConfig | Config) -> Mode:
 def _layer(x_BTD, lp: LayerPlan, layer: Params, res: Params, cfg: ModelConfig, mode: Mode, ctx: dict) -> jax.Array:
     """One layer: attention (or the gated skip), then the MLP, each into the residual.
 
-    `layer` holds this layer's slices of the stacked block params (see `_layer_params`).
+    `layer` holds this layer's slices of the stacked block params (see `layer_params`).
     """
     if lp.skip_in:
         x_BTD = x_BTD + mul(ctx["skip"], residual.skip_gate(res, ctx["x0"]))
@@ -65,7 +65,7 @@ def _layer(x_BTD, lp: LayerPlan, layer: Params, res: Params, cfg: ModelConfig, m
     return residual.after_mlp(res, lp.index, x_BTD, mlp.forward(layer["mlp"], h_BTD, cfg))
 
 
-def _layer_params(blocks: Params, lp: LayerPlan) -> Params:
+def layer_params(blocks: Params, lp: LayerPlan) -> Params:
     """Layer `lp`'s params: its slot of the stacked attention weights, its row of the rest.
 
     The value-embedding gate bank stays whole (the layer picks its table's gate).
@@ -119,7 +119,7 @@ def hidden_states(
         x_BTD, _ = jax.lax.scan(body, x_BTD, params["blocks"])
     else:
         for lp in plan:
-            x_BTD = _layer(x_BTD, lp, _layer_params(params["blocks"], lp), res, cfg, mode, ctx)
+            x_BTD = _layer(x_BTD, lp, layer_params(params["blocks"], lp), res, cfg, mode, ctx)
             if cfg.residual.skip is not None and lp.index == cfg.residual.skip.source:
                 ctx["skip"] = x_BTD
             if lp.index == cfg.residual.saved_layer:
