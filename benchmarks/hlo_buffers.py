@@ -27,7 +27,9 @@ _FREE = {"bitcast", "parameter", "get-tuple-element", "tuple", "constant", "copy
 
 def materialized(hlo: str, shape: tuple[int, ...]) -> collections.Counter:
     """dtype -> count of top-level results of `shape` (leading 1s ignored) outside fusion bodies."""
-    nested = {m.group(1) for m in _NESTED.finditer(hlo) if "fusion" in hlo[max(0, m.start() - 400) : m.start()]}
+    nested = {
+        m.group(1) for m in _NESTED.finditer(hlo) if "fusion" in hlo[max(0, m.start() - 400) : m.start()]
+    }
     counts: collections.Counter = collections.Counter()
     current = None
     for line in hlo.splitlines():

@@ -315,7 +315,9 @@ def main():
             line = (r.stdout.strip().splitlines() or [r.stderr[-300:]])[-1]
             log({"peak": line})
 
-    print("\ncase | variant | ms (median) | min-max | TFLOP/s | temp GiB | rel err vs first | [N,V] bufs | tiling")
+    print(
+        "\ncase | variant | ms (median) | min-max | TFLOP/s | temp GiB | rel err vs first | [N,V] bufs | tiling"
+    )
     for r in rows:
         short = r["tiling"].replace("BlockSizes", "").replace("block_", "").replace("num_", "")
         print(

@@ -36,7 +36,10 @@ CATEGORIES = ("matmul", "attention", "reductions", "elementwise", "collectives",
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "nccl")
 # Library kernels, by name, when the trace event names no HLO instruction we know.
 _NAME_RULES = (
-    ("collectives", re.compile(r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all", re.I)),
+    (
+        "collectives",
+        re.compile(r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all", re.I),
+    ),
     ("attention", re.compile(r"fmha|flash|sdpa|attention|cudnn", re.I)),
     ("matmul", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|matmul|\bdot\b|wgmma|sm90_", re.I)),
     ("copies", re.compile(r"memcpy|memset|copy|transpose", re.I)),
@@ -75,7 +78,15 @@ def _classify_instr(opcode: str, rest: str, comps: dict) -> str:
         return rule if rule in ("attention", "matmul", "collectives") else "other"
     if opcode in ("dot", "convolution"):
         return "matmul"
-    if opcode in ("copy", "transpose", "dynamic-update-slice", "dynamic-slice", "slice", "concatenate", "pad"):
+    if opcode in (
+        "copy",
+        "transpose",
+        "dynamic-update-slice",
+        "dynamic-slice",
+        "slice",
+        "concatenate",
+        "pad",
+    ):
         return "copies"
     if opcode in ("reduce", "reduce-window", "scatter", "sort"):
         return "reductions"
@@ -88,7 +99,15 @@ def _classify_instr(opcode: str, rest: str, comps: dict) -> str:
             return "collectives"
         if ops & {"reduce", "reduce-window", "scatter"}:
             return "reductions"
-        if ops and ops <= {"parameter", "copy", "transpose", "bitcast", "dynamic-update-slice", "slice", "tuple"}:
+        if ops and ops <= {
+            "parameter",
+            "copy",
+            "transpose",
+            "bitcast",
+            "dynamic-update-slice",
+            "slice",
+            "tuple",
+        }:
             return "copies"
         return "elementwise"
     return "elementwise"
@@ -97,7 +116,9 @@ def _classify_instr(opcode: str, rest: str, comps: dict) -> str:
 def hlo_categories(hlo: str) -> dict[str, str]:
     """Instruction name -> category, for every instruction outside fusion bodies."""
     comps = _computations(hlo)
-    fused = {m.group(1) for line in hlo.splitlines() if " fusion(" in line for m in [_CALLS.search(line)] if m}
+    fused = {
+        m.group(1) for line in hlo.splitlines() if " fusion(" in line for m in [_CALLS.search(line)] if m
+    }
     out = {}
     for comp, instrs in comps.items():
         if comp in fused:
@@ -125,7 +146,9 @@ def classify(name: str, args: dict, by_instr: dict[str, str]) -> str:
 def kernel_events(trace: dict) -> tuple[list[dict], str]:
     """The device's kernel events (GPU stream lines), or the CPU client's XLA op events; and the source."""
     events = trace["traceEvents"]
-    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    procs = {
+        e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     threads = {
         (e["pid"], e["tid"]): e["args"]["name"]
         for e in events
@@ -135,7 +158,8 @@ def kernel_events(trace: dict) -> tuple[list[dict], str]:
     gpu = [
         e
         for e in complete
-        if "/device:GPU" in procs.get(e["pid"], "") and "stream" in threads.get((e["pid"], e.get("tid")), "").lower()
+        if "/device:GPU" in procs.get(e["pid"], "")
+        and "stream" in threads.get((e["pid"], e.get("tid")), "").lower()
     ]
     if gpu:
         return gpu, "gpu streams"
@@ -196,7 +220,9 @@ def profile(cfg, steps: int, out: Path) -> dict:
     shape = (accum, cfg.data.batch_seqs // accum, cfg.data.seq_len)
     spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
     keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
-    compiled = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0)).lower(state, dict.fromkeys(keys, spec))
+    compiled = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0)).lower(
+        state, dict.fromkeys(keys, spec)
+    )
     compiled = compiled.compile()
     tokens = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size, jnp.int32)
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=-1)}
@@ -244,7 +270,10 @@ def main(argv: list[str] | None = None, load_config: Callable | None = None) -> 
     for cat, ms in result["ms_per_step"].items():
         print(f"{cat} | {ms:.2f} | {ms / total:.1%}" if total else f"{cat} | {ms:.2f} | -")
     print(f"total | {total:.2f} |")
-    print("top ops: " + "; ".join(f"{t['op']} ({t['category']}) {t['ms_per_step']:.2f}" for t in result["top_ops"][:8]))
+    print(
+        "top ops: "
+        + "; ".join(f"{t['op']} ({t['category']}) {t['ms_per_step']:.2f}" for t in result["top_ops"][:8])
+    )
     print(f"wrote {out / 'profile_step.json'} and {out / 'profile_step.png'}")
     return 0
 

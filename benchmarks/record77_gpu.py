@@ -53,10 +53,14 @@ def _tiny(cfg):
         cfg.model,
         model_dim=96,
         head_dim=16,
-        attn=dataclasses.replace(cfg.model.attn, windows=dataclasses.replace(cfg.model.attn.windows, block=8)),
+        attn=dataclasses.replace(
+            cfg.model.attn, windows=dataclasses.replace(cfg.model.attn.windows, block=8)
+        ),
     )
     stages = tuple((row[0], 8, 64 * (i + 2), 64) for i, row in enumerate(cfg.data.stages))
-    d = dataclasses.replace(cfg.data, seq_len=64, max_doc_len=32, stages=stages, val_seq_len=256, val_tokens=2048)
+    d = dataclasses.replace(
+        cfg.data, seq_len=64, max_doc_len=32, stages=stages, val_seq_len=256, val_tokens=2048
+    )
     return dataclasses.replace(cfg, model=m, data=d)
 
 
@@ -111,7 +115,10 @@ def stages(args) -> dict:
         jax.block_until_ready(state)
         dt = 1000 * (time.perf_counter() - t0)
         times.setdefault(schedule.stage_index(cfg, step), []).append((step, dt))
-        print(f"step {step} stage {schedule.stage_index(cfg, step)} {dt:.1f} ms loss {float(metrics['train_loss']):.4f}", flush=True)
+        print(
+            f"step {step} stage {schedule.stage_index(cfg, step)} {dt:.1f} ms loss {float(metrics['train_loss']):.4f}",
+            flush=True,
+        )
     t0 = time.perf_counter()
     eval_step = train.make_eval_step(cfg, mesh, schedule.eval_mode(cfg, cfg.train.steps))
     val_loss = train.evaluate(eval_step, state.params, val, cfg, mesh)
@@ -130,10 +137,22 @@ def stages(args) -> dict:
             f"{rows[stage]['odd']:.1f}); record on 8×H100: {RECORD_MS[stage][0]} ({RECORD_MS[stage][1]} / "
             f"{RECORD_MS[stage][2]}), ×8 = {8 * RECORD_MS[stage][0]:.0f} per-GPU pace"
         )
-    full = (483 * rows[0]["mean"] + 484 * rows[1]["mean"] + 483 * rows[2]["mean"] + 40 * rows[3]["mean"]) / 1000
-    print(f"compile {compile_s:.1f} s for {len(variants)} variants; eval of {len(val['inputs'])} val rows {eval_s:.1f} s")
-    print(f"projected full 1490-step train time at these rates: {full:.0f} s (target 600 s; record per-GPU pace 698 s)")
-    return {"compile_s": compile_s, "stages": rows, "projected_train_s": full, "val_loss": val_loss, "eval_s": eval_s}
+    full = (
+        483 * rows[0]["mean"] + 484 * rows[1]["mean"] + 483 * rows[2]["mean"] + 40 * rows[3]["mean"]
+    ) / 1000
+    print(
+        f"compile {compile_s:.1f} s for {len(variants)} variants; eval of {len(val['inputs'])} val rows {eval_s:.1f} s"
+    )
+    print(
+        f"projected full 1490-step train time at these rates: {full:.0f} s (target 600 s; record per-GPU pace 698 s)"
+    )
+    return {
+        "compile_s": compile_s,
+        "stages": rows,
+        "projected_train_s": full,
+        "val_loss": val_loss,
+        "eval_s": eval_s,
+    }
 
 
 def side_by_side(args) -> dict:
@@ -157,7 +176,9 @@ def side_by_side(args) -> dict:
     steps: dict = {}  # jitted per mode at first use: the first 100 steps need stage 0's only
     jax_losses, jax_ms = [], []
     for step, local in enumerate(batches):
-        batch = sharding.global_batch(train._stack_micro(local, len(local["inputs"])), sharding.batch_sharding(mesh))
+        batch = sharding.global_batch(
+            train._stack_micro(local, len(local["inputs"])), sharding.batch_sharding(mesh)
+        )
         mode = schedule.train_mode(cfg, step)
         if mode not in steps:
             steps[mode] = train.make_train_step(cfg, mesh, mode)
@@ -187,7 +208,10 @@ ABLATIONS = {
     "record77": [],
     "no value embeddings": ["model.embed.value=off"],
     "no multi-token loss": ["model.head.multi_token=()"],
-    "full causal (no windows)": ["model.attn.windows.stages=((32,32),)", "model.attn.windows.final_eval=none"],
+    "full causal (no windows)": [
+        "model.attn.windows.stages=((32,32),)",
+        "model.attn.windows.final_eval=none",
+    ],
 }
 
 
@@ -215,7 +239,10 @@ def ablate(args) -> dict:
         eval_step = train.make_eval_step(cfg, mesh, schedule.eval_mode(cfg, args.steps))
         val_loss = train.evaluate(eval_step, state.params, val, cfg, mesh)
         results[name] = {"overrides": overrides, "val_loss": val_loss, "seconds_with_compile": seconds}
-        print(f"{name}: val_loss {val_loss:.4f} after {args.steps} steps ({seconds:.0f} s with compile)", flush=True)
+        print(
+            f"{name}: val_loss {val_loss:.4f} after {args.steps} steps ({seconds:.0f} s with compile)",
+            flush=True,
+        )
         del state, steps
         jax.clear_caches()
     base = results["record77"]["val_loss"] if "record77" in results else float("nan")
@@ -244,8 +271,12 @@ def _twin_run(cfg, params0: dict, batches: list[dict]) -> tuple[list[float], lis
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = cfg.model
     sizes = Record77Config(
-        vocab_size=m.vocab_size, model_dim=m.model_dim, num_heads=m.num_heads, head_dim=m.head_dim,
-        block_size=m.attn.windows.block, dtype="bfloat16",
+        vocab_size=m.vocab_size,
+        model_dim=m.model_dim,
+        num_heads=m.num_heads,
+        head_dim=m.head_dim,
+        block_size=m.attn.windows.block,
+        dtype="bfloat16",
     )
     model = GPT77(sizes, device=torch.device(device))
     worker.load_params(model, params0)
@@ -283,7 +314,11 @@ def _plot(out: dict, path: Path) -> None:
     steps = np.arange(out["steps"])
     a.plot(steps, out["jax_loss"], label="jaxrun")
     a.plot(steps, out["torch_loss"], label="PyTorch twin", linestyle="--")
-    a.set(xlabel="step", ylabel="train loss (multi-token, per token)", title="record77, same weights and batches")
+    a.set(
+        xlabel="step",
+        ylabel="train loss (multi-token, per token)",
+        title="record77, same weights and batches",
+    )
     a.legend()
     b.plot(steps, np.array(out["jax_loss"]) - np.array(out["torch_loss"]))
     b.axhline(0, color="gray", lw=0.5)

@@ -46,7 +46,9 @@ def unpack(xz_dir: Path, out: Path) -> Path:
     """The shards, decompressed once into `out/oe`."""
     target = out / "oe"
     if not glob.glob(str(target / "train_*.bin")):
-        subprocess.run([sys.executable, "launch.py", "data", "unxz", str(xz_dir), "--out", str(target)], check=True)
+        subprocess.run(
+            [sys.executable, "launch.py", "data", "unxz", str(xz_dir), "--out", str(target)], check=True
+        )
     return target
 
 
@@ -103,7 +105,9 @@ def run_torch(script: Path, torch_python: str, work: Path, steps: int, val_token
     }
     for old, new in edits.items():
         if text.count(old) != 1:
-            raise SystemExit(f"{script} does not hold {old!r} exactly once: not the script this harness knows")
+            raise SystemExit(
+                f"{script} does not hold {old!r} exactly once: not the script this harness knows"
+            )
         text = text.replace(old, new)
     edited = work / f"train_gpt_simple_{steps}.py"
     edited.write_text(text)
@@ -161,7 +165,12 @@ def pace(times: list[float]) -> dict:
     k = max(1, min(100, len(steady) // 3))
     ms = sum(steady) / len(steady)
     first, last = sum(steady[:k]) / k, sum(steady[-k:]) / k
-    return {"ms_per_step": ms, "tokens_per_s": TOKENS_PER_STEP / (ms / 1000), "last_over_first": last / first, "k": k}
+    return {
+        "ms_per_step": ms,
+        "tokens_per_s": TOKENS_PER_STEP / (ms / 1000),
+        "last_over_first": last / first,
+        "k": k,
+    }
 
 
 def table(results: dict) -> str:
@@ -176,7 +185,10 @@ def table(results: dict) -> str:
                 f"{p['last_over_first']:.4f} ({p['k']}) | {r['peak_gib']:.1f} | {r['compile_s']:.1f} | {vals}"
             )
         if len(sides) == 2:
-            ratio = pace(sides["jaxrun"]["step_ms"])["ms_per_step"] / pace(sides["torch"]["step_ms"])["ms_per_step"]
+            ratio = (
+                pace(sides["jaxrun"]["step_ms"])["ms_per_step"]
+                / pace(sides["torch"]["step_ms"])["ms_per_step"]
+            )
             lines.append(f"{steps} | jaxrun/torch step time | {ratio:.3f}× | | | | |")
     return "\n".join(lines)
 
@@ -187,11 +199,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[75])
     p.add_argument("--torch-python", default=os.environ.get("JAXRUN_TORCH_PYTHON", "python3"))
     p.add_argument("--data-xz", type=Path, default=REPO.parent / "shared" / "data" / "offline_english")
-    p.add_argument("--val-tokens", type=int, default=917_504, help="a multiple of 65,536 within the val shard")
+    p.add_argument(
+        "--val-tokens", type=int, default=917_504, help="a multiple of 65,536 within the val shard"
+    )
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "runs" / "simple_vs_torch")))
     p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--sides", nargs="+", choices=("torch", "jaxrun"), default=["torch", "jaxrun"],
-                   help="one side per call where a call's time is limited (300 steps take ~6 min a side)")
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        choices=("torch", "jaxrun"),
+        default=["torch", "jaxrun"],
+        help="one side per call where a call's time is limited (300 steps take ~6 min a side)",
+    )
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     shards = unpack(a.data_xz, a.out)
@@ -202,13 +221,25 @@ def main() -> None:
         globs = linked_data(shards, work, steps)
         results[steps] = {}
         if "torch" in a.sides:
-            results[steps]["torch"] = run_torch(a.script.resolve(), a.torch_python, work, steps, a.val_tokens, globs)
+            results[steps]["torch"] = run_torch(
+                a.script.resolve(), a.torch_python, work, steps, a.val_tokens, globs
+            )
         if "jaxrun" in a.sides:
             results[steps]["jaxrun"] = run_jax(work, steps, a.val_tokens, globs)
         (a.out / "simple_vs_torch.json").write_text(json.dumps(results, indent=2))
         print(table({steps: results[steps]}), flush=True)
     if not a.no_profile:
-        cmd = [sys.executable, "launch.py", "profile", "--config", "simple", "--steps", "3", "--out", str(a.out / "profile")]
+        cmd = [
+            sys.executable,
+            "launch.py",
+            "profile",
+            "--config",
+            "simple",
+            "--steps",
+            "3",
+            "--out",
+            str(a.out / "profile"),
+        ]
         print(run_logged(cmd, REPO, a.out / "profile.log")[-2500:])
     print("\n" + table(results))
     print(f"wrote {a.out / 'simple_vs_torch.json'}")

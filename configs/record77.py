@@ -65,7 +65,9 @@ def get_config() -> Config:
                 key_offset=True,
                 gate=True,
             ),
-            residual=ResidualConfig(lambdas=True, skip=SkipConfig(source=3, target=6), saved_layer=7, backout=True),
+            residual=ResidualConfig(
+                lambdas=True, skip=SkipConfig(source=3, target=6), saved_layer=7, backout=True
+            ),
             head=HeadConfig(
                 tie="until_split",
                 softcap="sigmoid",

@@ -21,7 +21,6 @@ never saved. What stops the loop early (signals, a non-finite loss) is in
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import io
@@ -467,7 +466,6 @@ def _load_params(step_dir: Path) -> tuple[Config, model.Params]:
         restored = checkpointer.restore(step_dir / "state", args=_restore_args(abstract, partial=True))
     _verify(restored, checksums)
     return cfg, restored["params"]
-
 
 
 def init_params(path: str | None, like: model.Params, log: Callable[[str], None] = print) -> Any:

@@ -223,7 +223,9 @@ class ModelConfig:
         _check_choice(node + ".mlp", "activation", self.mlp.activation, ("gelu", "relu2"))
         _check_choice(node + ".head", "tie", self.head.tie, ("never", "always", "until_split"))
         _check_choice(node + ".head", "softcap", self.head.softcap, ("none", "tanh", "isru", "sigmoid"))
-        _check_choice(node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas"))
+        _check_choice(
+            node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas")
+        )
         _check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
         _check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
@@ -232,7 +234,10 @@ class ModelConfig:
             self.model_dim % self.head_dim == 0,
             f"model.model_dim={self.model_dim} is not a multiple of model.head_dim={self.head_dim}",
         )
-        _check(self.head.softcap_value > 0, f"model.head.softcap_value={self.head.softcap_value} must be positive")
+        _check(
+            self.head.softcap_value > 0,
+            f"model.head.softcap_value={self.head.softcap_value} must be positive",
+        )
         _check(
             self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
             f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
@@ -281,7 +286,11 @@ class ModelConfig:
         }
         for name, layers in layer_fields.items():
             _check(all(0 <= i < L for i in layers), f"{name}={layers} names layers outside 0..{L - 1}")
-        for name in ("model.attn.paired_layers", "model.embed.value.layers", "model.attn.windows.long_layers"):
+        for name in (
+            "model.attn.paired_layers",
+            "model.embed.value.layers",
+            "model.attn.windows.long_layers",
+        ):
             clash = sorted(set(layer_fields[name]) & set(a.skip_layers))
             _check(not clash, f"{name} lists {clash}, which model.attn.skip_layers leaves without attention")
         _check(
@@ -289,10 +298,13 @@ class ModelConfig:
             f"model.attn.paired_layers needs an even head count, not {self.num_heads}",
         )
         _check(
-            not a.paired_layers or not set(a.paired_layers) & set(layer_fields["model.attn.windows.long_layers"]),
+            not a.paired_layers
+            or not set(a.paired_layers) & set(layer_fields["model.attn.windows.long_layers"]),
             "model.attn.paired_layers and model.attn.windows.long_layers overlap: key offset and YaRN differ there",
         )
-        _check(not a.key_offset or a.windows is not None, "model.attn.key_offset=True needs model.attn.windows")
+        _check(
+            not a.key_offset or a.windows is not None, "model.attn.key_offset=True needs model.attn.windows"
+        )
         if r.skip is not None:
             _check(
                 r.skip.target in a.skip_layers and 0 <= r.skip.source < r.skip.target,
@@ -303,10 +315,16 @@ class ModelConfig:
             r.saved_layer is None or 0 <= r.saved_layer < L - 1,
             f"model.residual.saved_layer={r.saved_layer} must be a layer before the last",
         )
-        _check(not r.backout or r.saved_layer is not None, "model.residual.backout=True needs model.residual.saved_layer")
+        _check(
+            not r.backout or r.saved_layer is not None,
+            "model.residual.backout=True needs model.residual.saved_layer",
+        )
         width = 12  # the gates read the first 12 dims
         gated = a.gate or r.skip is not None or e.value is not None or e.smear is not None
-        _check(not gated or self.model_dim >= width, f"model.model_dim={self.model_dim} < the gates' {width} inputs")
+        _check(
+            not gated or self.model_dim >= width,
+            f"model.model_dim={self.model_dim} < the gates' {width} inputs",
+        )
         uniform = not (a.skip_layers or a.paired_layers or a.windows or e.value or r != ResidualConfig())
         _check(
             uniform or not self.scan_layers,

@@ -108,7 +108,13 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     if o.kind == "normuon_adam":
         return record_optim.make_record_optimizer(o, model.OPTIM_ROWS, cfg.train.steps)
     eta = lr_factor(o, cfg.train.steps)
-    group_lr = {"embed": o.embed_lr, "head": o.head_lr, "scalar": o.scalar_lr, "gate": o.scalar_lr, "hidden": o.hidden_lr}
+    group_lr = {
+        "embed": o.embed_lr,
+        "head": o.head_lr,
+        "scalar": o.scalar_lr,
+        "gate": o.scalar_lr,
+        "hidden": o.hidden_lr,
+    }
 
     def adam(group: str) -> optax.GradientTransformation:
         decay = o.adam_weight_decay if (group != "scalar" or o.adam_decay_vectors) else 0.0

@@ -43,5 +43,5 @@ class OptimRow:
 
     @property
     def kind(self) -> str:
-        """"normuon" for the hidden matrices, "adam" for everything else."""
+        """ "normuon" for the hidden matrices, "adam" for everything else."""
         return "normuon" if self.group == "hidden" else "adam"

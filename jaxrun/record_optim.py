@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from itertools import accumulate
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -317,7 +317,9 @@ def make_record_optimizer(
             ns_round_first=True,
             shape_factor=False,
         ),
-        _normuon_step(rows, base_lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, lr=lr, ns_dtype=ns_dtype),
+        _normuon_step(
+            rows, base_lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, lr=lr, ns_dtype=ns_dtype
+        ),
     )
     every = cfg.adam_every
     adam = scale_by_record_adam(

@@ -147,7 +147,9 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | Non
 def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """Pallas kernels train on GPUs only: off a GPU they need the interpreter, which shard_map breaks."""
     fields = [
-        f"model.kernels.{f}" for f in ("attention", "mlp", "loss") if getattr(cfg.model.kernels, f) == "pallas"
+        f"model.kernels.{f}"
+        for f in ("attention", "mlp", "loss")
+        if getattr(cfg.model.kernels, f) == "pallas"
     ]
     platform = mesh.devices.flat[0].platform
     if fields and platform != "gpu":
@@ -302,7 +304,9 @@ def make_untie(state: TrainState):
 
     def untie(state: TrainState) -> TrainState:
         # on whole arrays: the copy transposes leaves that ZeRO-1 holds flat and split
-        state = jax.tree.map(lambda x, s: jax.sharding.reshard(x, NamedSharding(s.mesh, P())), state, shardings)
+        state = jax.tree.map(
+            lambda x, s: jax.sharding.reshard(x, NamedSharding(s.mesh, P())), state, shardings
+        )
         params, opt_state = record_optim.untie(state.params, state.opt_state)
         return TrainState(state.step, params, opt_state)
 
@@ -373,7 +377,10 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     data_state = stream.get_state()
     t0 = time.perf_counter()
     variants = _compile_stages(state, cfg, mesh)
-    split, untie = schedule.split_step(cfg), make_untie(state) if schedule.split_step(cfg) is not None else None
+    split, untie = (
+        schedule.split_step(cfg),
+        make_untie(state) if schedule.split_step(cfg) is not None else None,
+    )
     compile_s = time.perf_counter() - t0
 
     def compiled(state, batch, step=None):  # the step compiled for this step's mode and batch shape

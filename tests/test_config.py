@@ -6,7 +6,15 @@ import json
 import pytest
 
 import launch
-from jaxrun.config import AttentionConfig, Config, ConfigError, ModelConfig, OptimConfig, RopeConfig, apply_overrides
+from jaxrun.config import (
+    AttentionConfig,
+    Config,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    RopeConfig,
+    apply_overrides,
+)
 
 
 @pytest.fixture
@@ -112,7 +120,9 @@ def test_saved_config_round_trips_sub_configs_and_tuples(tmp_path):
     base = Config(name="x")
     attn = dataclasses.replace(base.model.attn, windows=WindowConfig())
     model = dataclasses.replace(base.model, attn=attn, scan_layers=False)
-    cfg = dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, stages=((4, 16, 64, None),)))
+    cfg = dataclasses.replace(
+        base, model=model, data=dataclasses.replace(base.data, stages=((4, 16, 64, None),))
+    )
     assert config_from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ConfigError, match="does not know"):
         config_from_dict({**json.loads(cfg.to_json()), "extra": 1})
@@ -147,7 +157,11 @@ def test_record77_recipe():
     cfg = launch.load_config("record77")
     m, o, d = cfg.model, cfg.optim, cfg.data
     assert (m.num_layers, m.model_dim, m.num_heads, m.num_attn_layers) == (11, 768, 6, 10)
-    assert (m.attn.paired_layers, m.attn.skip_layers, m.embed.value.layers) == ((0, 2, 5, 9), (6,), (1, 2, 8, 9, 10))
+    assert (m.attn.paired_layers, m.attn.skip_layers, m.embed.value.layers) == (
+        (0, 2, 5, 9),
+        (6,),
+        (1, 2, 8, 9, 10),
+    )
     assert (m.head.softcap, m.head.softcap_value, m.head.tie) == ("sigmoid", 23.0, "until_split")
     assert (o.muon_lr, o.adam_lr, o.lr_stage_muls, o.extension_steps) == (0.023, 0.008, (1.0, 1.52, 1.73), 40)
     assert cfg.train.steps == 1490 and d.stages == ((483, 8, 32768, 2048), (967, 8, 49152, 2048))
@@ -156,7 +170,10 @@ def test_record77_recipe():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["model.attn.rope.yarn=false", "model.attn.windows=off"], "model.attn.key_offset=True needs model.attn.windows"),
+        (
+            ["model.attn.rope.yarn=false", "model.attn.windows=off"],
+            "model.attn.key_offset=True needs model.attn.windows",
+        ),
         (["model.attn.skip_layers=()"], "model.residual.skip"),
         (["model.head_dim=256"], "even head count"),
         (["model.scan_layers=true"], "model.scan_layers=True needs identical layers"),

@@ -55,7 +55,14 @@ def test_breakdown_of_a_gpu_trace_sums_stream_kernels_per_step():
     ]
     kernels = [
         {"ph": "X", "pid": 1, "tid": 7, "name": "nvjet_gemm", "dur": 3000.0},
-        {"ph": "X", "pid": 1, "tid": 7, "name": "input_fusion", "dur": 1000.0, "args": {"hlo_op": "fusion.1"}},
+        {
+            "ph": "X",
+            "pid": 1,
+            "tid": 7,
+            "name": "input_fusion",
+            "dur": 1000.0,
+            "args": {"hlo_op": "fusion.1"},
+        },
         {"ph": "X", "pid": 1, "tid": 8, "name": "fusion.1", "dur": 1000.0},  # the derived op line
         {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "dur": 9000.0},
     ]

@@ -11,7 +11,6 @@ split step. It runs in float64; jaxrun runs with float32 Newton–Schulz.
 
 from itertools import accumulate, pairwise
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,13 +27,18 @@ ROWS = (
     ro.OptimRow(pattern=r"blocks/mlp/w_down", group="hidden", lr_mul=2.0, shape_mult=2.0),
     ro.OptimRow(
         pattern=r"blocks/attn/sa_lambdas|smear/lambda|residual/(skip|backout)_lambda",
-        group="adam", lr_mul=5.0, wd_mul=0.0, betas=(0.9, 0.99),
+        group="adam",
+        lr_mul=5.0,
+        wd_mul=0.0,
+        betas=(0.9, 0.99),
     ),
     ro.OptimRow(pattern=r"smear/gate", group="adam", lr_mul=0.01, wd_mul=0.0, betas=(0.9, 0.99)),
     ro.OptimRow(pattern=r"residual/skip_gate", group="adam", lr_mul=0.05, wd_mul=0.0, betas=(0.9, 0.99)),
     ro.OptimRow(pattern=r"blocks/attn/(ve_)?gate", group="adam", betas=(0.9, 0.99)),
     ro.OptimRow(pattern=r"lm_head/w|embed/tokens", group="adam", wd_mul=150.0, betas=(0.5, 0.95)),
-    ro.OptimRow(pattern=r"bigram/table|value_embed/tables", group="adam", lr_mul=75.0, wd_mul=5.0, betas=(0.75, 0.95)),
+    ro.OptimRow(
+        pattern=r"bigram/table|value_embed/tables", group="adam", lr_mul=75.0, wd_mul=5.0, betas=(0.75, 0.95)
+    ),
     ro.OptimRow(pattern=r"residual/(post|x0|bigram)_lambdas", group="adam", wd_mul=0.0, betas=(0.9, 0.95)),
     ro.OptimRow(pattern=r"residual/resid_lambdas", group="adam", lr_mul=5.0, wd_mul=0.0, betas=(0.9, 0.95)),
 )
@@ -198,9 +202,13 @@ class SourceOptimizer:
         self.sched = (scheduled, extension, warmup, cooldown)
         self.split_step = (round(2 / 3 * scheduled)) | 1
         self.p = {k: self.to_torch(k, v) for k, v in flat_params.items()}
-        self.mom = {k: np.zeros_like(v) for k, v in self.p.items() if SOURCE_LABEL[k] in ("attn_bank", "mlp_bank")}
+        self.mom = {
+            k: np.zeros_like(v) for k, v in self.p.items() if SOURCE_LABEL[k] in ("attn_bank", "mlp_bank")
+        }
         self.buf = {}
-        self.adam = {k: [0, np.zeros_like(v), np.zeros_like(v)] for k, v in self.p.items() if k not in self.mom}
+        self.adam = {
+            k: [0, np.zeros_like(v), np.zeros_like(v)] for k, v in self.p.items() if k not in self.mom
+        }
         self.acc = {k: np.zeros_like(v) for k, v in self.p.items() if k not in self.mom}
         self.split = False
 
@@ -303,7 +311,9 @@ def trajectory():
         if k == split:
             params, state = untie(params, state)
         ref.step(k, g)
-        steps.append({"updates": flatten(updates), "params": flatten(params), "ref": ref.params(), "state": state})
+        steps.append(
+            {"updates": flatten(updates), "params": flatten(params), "ref": ref.params(), "state": state}
+        )
     return {"split": split, "steps": steps, "init": flat, "update": update}
 
 
@@ -495,7 +505,9 @@ def test_slices_of_the_leading_axis_update_like_the_whole():
         got, want = [flatten(x) for x in parts], flatten(whole)
         for path, w in want.items():
             joined = np.concatenate([got[0][path], got[1][path]])
-            np.testing.assert_allclose(joined, np.concatenate(halves(path, w)), rtol=1e-5, atol=1e-7, err_msg=path)
+            np.testing.assert_allclose(
+                joined, np.concatenate(halves(path, w)), rtol=1e-5, atol=1e-7, err_msg=path
+            )
 
 
 def test_bf16_first_step_is_close_to_float32():
@@ -519,7 +531,9 @@ def test_bf16_first_step_is_close_to_float32():
 
 
 def test_rows_cover_the_layout():
-    kinds = flatten(ro.param_kinds(ROWS, nest({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in SHAPES.items()})))
+    kinds = flatten(
+        ro.param_kinds(ROWS, nest({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in SHAPES.items()}))
+    )
     assert {k for k, v in kinds.items() if v == "normuon"} == {
         *(f"blocks/attn/w_{x}" for x in "qkvo"),
         "blocks/mlp/w_up",
@@ -554,14 +568,36 @@ def test_model_rows_are_the_recipe_table():
     """The rows the model's components declare give every record77 leaf this test's settings."""
     from jaxrun import model
 
-    for path in ("embed/tokens", "lm_head/w", "value_embed/tables", "bigram/table", "smear/gate", "smear/lambda",
-                 "blocks/attn/w_q", "blocks/attn/w_o", "blocks/mlp/w_up", "blocks/mlp/w_down", "blocks/attn/gate",
-                 "blocks/attn/ve_gate", "blocks/attn/sa_lambdas", "residual/resid_lambdas", "residual/post_lambdas",
-                 "residual/x0_lambdas", "residual/bigram_lambdas", "residual/skip_gate", "residual/skip_lambda",
-                 "residual/backout_lambda"):
+    for path in (
+        "embed/tokens",
+        "lm_head/w",
+        "value_embed/tables",
+        "bigram/table",
+        "smear/gate",
+        "smear/lambda",
+        "blocks/attn/w_q",
+        "blocks/attn/w_o",
+        "blocks/mlp/w_up",
+        "blocks/mlp/w_down",
+        "blocks/attn/gate",
+        "blocks/attn/ve_gate",
+        "blocks/attn/sa_lambdas",
+        "residual/resid_lambdas",
+        "residual/post_lambdas",
+        "residual/x0_lambdas",
+        "residual/bigram_lambdas",
+        "residual/skip_gate",
+        "residual/skip_lambda",
+        "residual/backout_lambda",
+    ):
         mine, theirs = ro.row_of(model.OPTIM_ROWS, path), ro.row_of(ROWS, path)
         assert (mine.kind, mine.lr_mul, mine.wd_mul, mine.betas, mine.shape_mult) == (
-            theirs.kind, theirs.lr_mul, theirs.wd_mul, theirs.betas, theirs.shape_mult), path
+            theirs.kind,
+            theirs.lr_mul,
+            theirs.wd_mul,
+            theirs.betas,
+            theirs.shape_mult,
+        ), path
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,9 @@ def test_record77_on_8_devices_matches_one():
     # nonzero, so an entry whose gradient is at rounding level may step either way.
     for path, one in jax.tree_util.tree_leaves_with_path(results[1][1]):
         eight = _leaf(results[8][1], path)
-        assert np.linalg.norm(eight - one) <= 1e-4 * max(np.linalg.norm(one), 1e-12), jax.tree_util.keystr(path)
+        assert np.linalg.norm(eight - one) <= 1e-4 * max(np.linalg.norm(one), 1e-12), jax.tree_util.keystr(
+            path
+        )
 
 
 def _leaf(tree, path):

@@ -190,13 +190,23 @@ class GPT77(nn.Module):
             y = y * torch.sigmoid(F.linear(x[:, :GATE_IN], gate_w)).view(T, H, 1)
         return F.linear(y.reshape(T, D), sa[1] * w[3 * D :])
 
-    def forward(self, input_seq: Tensor, target_seq: Tensor, cu_seqlens: Tensor, bigram_input_seq: Tensor,
-                schedule: ForwardSchedule) -> Tensor:
+    def forward(
+        self,
+        input_seq: Tensor,
+        target_seq: Tensor,
+        cu_seqlens: Tensor,
+        bigram_input_seq: Tensor,
+        schedule: ForwardSchedule,
+    ) -> Tensor:
         """Per-token losses of one rank-local packed sequence (1-D int inputs, cu_seqlens padded with T)."""
         cfg, f, dt, L = self.cfg, self.cfg.features, self.cfg.torch_dtype, NUM_LAYERS
         V, D = cfg.vocab_size, cfg.model_dim
         sa = self.scalars[: 2 * L].view(L, 2)
-        smear_lambda, backout_lambda, skip_lambda = self.scalars[2 * L], self.scalars[2 * L + 1], self.scalars[2 * L + 2]
+        smear_lambda, backout_lambda, skip_lambda = (
+            self.scalars[2 * L],
+            self.scalars[2 * L + 1],
+            self.scalars[2 * L + 2],
+        )
         resid, post = self.resid_lambdas.to(dt), self.post_lambdas.to(dt)
         x0_l, bigram_l = self.x0_lambdas.to(dt), self.bigram_lambdas.to(dt)
         windows = [schedule.ws_long if i in LONG_LAYERS else schedule.ws_short for i in range(L)]
@@ -210,7 +220,11 @@ class GPT77(nn.Module):
         x = x0 = norm(x)
         if bigram is not None:
             x = x + bigram * bigram_l[0]
-        skip_gate = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(F.linear(x0[:, :GATE_IN], self.skip_gate.weight.to(dt)))
+        skip_gate = (
+            torch.sigmoid(skip_lambda)
+            * 2
+            * torch.sigmoid(F.linear(x0[:, :GATE_IN], self.skip_gate.weight.to(dt)))
+        )
 
         skip_connection = saved = None
         for i in range(L):
@@ -223,8 +237,15 @@ class GPT77(nn.Module):
                 ve = ve_all[table] if ve_all is not None and table is not None else None
                 attn_in = saved if f.saved_activation and saved is not None else x
                 out = self._attention(
-                    norm(attn_in), i, self.attn_bank[a], sa[i], ve, self.attn_gate_bank[a].to(dt),
-                    None if table is None else self.ve_gate_bank[table].to(dt), cu_seqlens, windows[i],
+                    norm(attn_in),
+                    i,
+                    self.attn_bank[a],
+                    sa[i],
+                    ve,
+                    self.attn_gate_bank[a].to(dt),
+                    None if table is None else self.ve_gate_bank[table].to(dt),
+                    cu_seqlens,
+                    windows[i],
                     f.key_offset and windows[i] == schedule.ws_long,
                 )
                 inject = x0 * x0_l[i]

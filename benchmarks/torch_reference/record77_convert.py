@@ -45,7 +45,11 @@ _TRANSPOSED = {
     "blocks/attn/gate": "attn_gate_bank",
     "blocks/attn/ve_gate": "ve_gate_bank",
 }
-_SCALARS = {"smear/lambda": 0, "residual/backout_lambda": 1, "residual/skip_lambda": 2}  # after the 2L sa-lambdas
+_SCALARS = {
+    "smear/lambda": 0,
+    "residual/backout_lambda": 1,
+    "residual/skip_lambda": 2,
+}  # after the 2L sa-lambdas
 
 
 def _t(x: np.ndarray) -> np.ndarray:

@@ -48,12 +48,16 @@ class Yarn:
     paired-head layers' doubled virtual sequence.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, paired: bool = False, device: torch.device | None = None):
+    def __init__(
+        self, head_dim: int, max_seq_len: int, paired: bool = False, device: torch.device | None = None
+    ):
         self.head_dim, self.max_seq_len, self.paired, self.device = head_dim, max_seq_len, paired, device
         self.reset()
 
     def reset(self) -> None:
-        freq = (1 / 1024) ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32, device=self.device)
+        freq = (1 / 1024) ** torch.linspace(
+            0, 1, steps=self.head_dim // 4, dtype=torch.float32, device=self.device
+        )
         freq = freq.repeat_interleave(2)
         self.angular_freq = torch.cat([freq, freq.new_zeros(self.head_dim // 2)])
         self._build()
@@ -63,7 +67,10 @@ class Yarn:
         t = torch.arange(2 * self.max_seq_len, dtype=torch.float32, device=self.device)
         if self.paired:
             theta1, theta2 = torch.outer(2 * t, self.angular_freq), torch.outer(2 * t + 1, self.angular_freq)
-            cos, sin = torch.cat((theta1.cos(), theta2.cos()), -1), torch.cat((theta1.sin(), theta2.sin()), -1)
+            cos, sin = (
+                torch.cat((theta1.cos(), theta2.cos()), -1),
+                torch.cat((theta1.sin(), theta2.sin()), -1),
+            )
         else:
             theta = torch.outer(t, self.angular_freq)
             cos, sin = theta.cos(), theta.sin()
@@ -104,7 +111,9 @@ DENSE_MAX_T = 4096
 BAND_BLOCK = 128
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int | None, scale: float) -> Tensor:
+def varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int | None, scale: float
+) -> Tensor:
     """FlashAttention-3 varlen with causal=True, window_size=(window, 0): query i sees keys i-window..i of its document.
 
     q, k, v: [T, H, K] (batch 1 flattened). `window=None` is full causal attention within documents.
@@ -116,8 +125,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window
     return dense_varlen_attention(q, k, v, cu_seqlens, window, scale)
 
 
-def dense_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int | None,
-                           scale: float) -> Tensor:
+def dense_varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int | None, scale: float
+) -> Tensor:
     """The reference: one T×T boolean mask (same document, causal, within the window) and one SDPA call."""
     T = q.size(0)
     docs = doc_ids(cu_seqlens, T)
@@ -132,8 +142,9 @@ def dense_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
     return y.transpose(0, 1)
 
 
-def banded_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int, scale: float,
-                            block: int = BAND_BLOCK) -> Tensor:
+def banded_varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int, scale: float, block: int = BAND_BLOCK
+) -> Tensor:
     """`dense_varlen_attention` with a window, computed only where the window can reach.
 
     Queries go in blocks of `block`; block n (positions nB..nB+B-1) sees at most keys nB-P..nB+B-1

@@ -79,10 +79,22 @@ STAGES = (
 class Schedule:
     """Stages over `scheduled` steps (thirds) plus `extension` steps: lr, momentum, MTP, windows, split step."""
 
-    def __init__(self, scheduled: int = 1450, extension: int = 40, cooldown_frac: float = 0.6,
-                 muon_warmup: int = 300, muon_cooldown: int = 50, stages: tuple[Stage, ...] = STAGES):
+    def __init__(
+        self,
+        scheduled: int = 1450,
+        extension: int = 40,
+        cooldown_frac: float = 0.6,
+        muon_warmup: int = 300,
+        muon_cooldown: int = 50,
+        stages: tuple[Stage, ...] = STAGES,
+    ):
         self.scheduled, self.total = scheduled, scheduled + extension
-        self.cooldown_frac, self.muon_warmup, self.muon_cooldown, self.stages = cooldown_frac, muon_warmup, muon_cooldown, stages
+        self.cooldown_frac, self.muon_warmup, self.muon_cooldown, self.stages = (
+            cooldown_frac,
+            muon_warmup,
+            muon_cooldown,
+            stages,
+        )
         ends = [0] + [round(c * scheduled) for c in accumulate([1 / 3] * (len(stages) - 1))] + [self.total]
         self.boundaries = list(pairwise(ends))
         self.split_step = self.boundaries[2][0] | 1  # first step of stage 2, forced odd so Adam runs
@@ -149,7 +161,9 @@ class NorMuonAndAdam:
                 mats = matrices(name, p.data)
                 rows, cols = mats.shape[-2:]
                 red = (mats.size(0), rows, 1) if rows >= cols else (mats.size(0), 1, cols)
-                self.state[name] = dict(momentum=torch.zeros_like(mats), second=torch.zeros(red, device=p.device))
+                self.state[name] = dict(
+                    momentum=torch.zeros_like(mats), second=torch.zeros(red, device=p.device)
+                )
             else:
                 self.state[name] = dict(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
         self.split_embed = False
@@ -244,7 +258,9 @@ class Trainer:
 
     def losses(self, batch: Batch) -> Tensor:
         rows = self.model.cfg.bigram_rows
-        return self.model(batch.inputs, batch.targets, batch.cu_seqlens, bigram_hash(batch.inputs, rows), self.forward_args)
+        return self.model(
+            batch.inputs, batch.targets, batch.cu_seqlens, bigram_hash(batch.inputs, rows), self.forward_args
+        )
 
     def backward(self, batches: list[Batch]) -> float:
         """Sum-loss backward per micro-batch (one per rank); the mean over ranks of the summed losses."""
@@ -268,4 +284,3 @@ class Trainer:
 def is_tied(schedule: Schedule, step: int) -> bool:
     """Whether step's update still treats embed as lm_headᵀ (up to and including the split step)."""
     return step <= schedule.split_step
-

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from benchmarks.torch_reference import record77_convert as convert
-from benchmarks.torch_reference.record77 import PAIRED_LAYERS, VE_TABLE, Features, ForwardSchedule, GPT77, Record77Config
+from benchmarks.torch_reference.record77 import (
+    GPT77,
+    PAIRED_LAYERS,
+    VE_TABLE,
+    Features,
+    ForwardSchedule,
+    Record77Config,
+)
 from benchmarks.torch_reference.record77_ops import (
     DENSE_MAX_T,
     SoftcappedCE,
@@ -55,11 +62,23 @@ def check_converter_round_trip() -> None:
     flat = convert.torch_to_jax(state)
     D, H, V, F_ = CFG.model_dim, CFG.num_heads, CFG.vocab_size, CFG.mlp_dim
     shapes = {
-        "embed/tokens": (V, D), "lm_head/w": (D, V), "value_embed/tables": (5, V, D), "bigram/table": (5 * V, D),
-        "smear/gate": (12, 1), "smear/lambda": (), "blocks/attn/w_q": (10, D, D), "blocks/attn/w_o": (10, D, D),
-        "blocks/attn/gate": (10, 12, H), "blocks/attn/ve_gate": (5, 12, H), "blocks/attn/sa_lambdas": (11, 2),
-        "blocks/mlp/w_up": (11, D, F_), "blocks/mlp/w_down": (11, F_, D), "residual/skip_gate": (12, 1),
-        "residual/skip_lambda": (), "residual/backout_lambda": (), "residual/x0_lambdas": (11,),
+        "embed/tokens": (V, D),
+        "lm_head/w": (D, V),
+        "value_embed/tables": (5, V, D),
+        "bigram/table": (5 * V, D),
+        "smear/gate": (12, 1),
+        "smear/lambda": (),
+        "blocks/attn/w_q": (10, D, D),
+        "blocks/attn/w_o": (10, D, D),
+        "blocks/attn/gate": (10, 12, H),
+        "blocks/attn/ve_gate": (5, 12, H),
+        "blocks/attn/sa_lambdas": (11, 2),
+        "blocks/mlp/w_up": (11, D, F_),
+        "blocks/mlp/w_down": (11, F_, D),
+        "residual/skip_gate": (12, 1),
+        "residual/skip_lambda": (),
+        "residual/backout_lambda": (),
+        "residual/x0_lambdas": (11,),
     }
     for path, shape in shapes.items():
         assert flat[path].shape == shape, (path, flat[path].shape, shape)
@@ -77,7 +96,9 @@ def check_converter_round_trip() -> None:
     assert float(flat["residual/backout_lambda"]) == 0.5 and float(flat["residual/skip_lambda"]) == -1.5
 
 
-def _paired_brute_force(model: GPT77, x: torch.Tensor, layer: int, ve: torch.Tensor, window: int) -> torch.Tensor:
+def _paired_brute_force(
+    model: GPT77, x: torch.Tensor, layer: int, ve: torch.Tensor, window: int
+) -> torch.Tensor:
     """Paired attention head by head with explicit loops, from the non-paired RoPE table at 2t + (h odd)."""
     D, H, K = CFG.model_dim, CFG.num_heads, CFG.head_dim
     a = layer - (layer > 6)
@@ -116,8 +137,18 @@ def check_paired_interleave() -> None:
     ve = model.value_embeds.view(5, CFG.vocab_size, -1)[VE_TABLE[layer], _batch(2).inputs]
     a = layer - 1
     with torch.no_grad():
-        got = model._attention(x, layer, model.attn_bank[a], model.scalars[18:20], ve, model.attn_gate_bank[a],
-                               model.ve_gate_bank[VE_TABLE[layer]], CU, window, False)
+        got = model._attention(
+            x,
+            layer,
+            model.attn_bank[a],
+            model.scalars[18:20],
+            ve,
+            model.attn_gate_bank[a],
+            model.ve_gate_bank[VE_TABLE[layer]],
+            CU,
+            window,
+            False,
+        )
         want = _paired_brute_force(model, x, layer, ve, window)
     err = (got - want).abs().max() / want.abs().max()
     assert layer in PAIRED_LAYERS and err < 1e-5, f"paired attention vs per-head reference: rel err {err:.2e}"
@@ -160,7 +191,9 @@ def check_banded_attention() -> None:
     q, k, v = (torch.randn(long, 1, 8, generator=g) for _ in range(3))
     cu = torch.tensor([0, 1000, long])
     banded = banded_varlen_attention(q, k, v, cu, 128, 0.3)
-    assert torch.equal(varlen_attention(q, k, v, cu, 128, 0.3), banded), "long CPU runs must take the banded path"
+    assert torch.equal(varlen_attention(q, k, v, cu, 128, 0.3), banded), (
+        "long CPU runs must take the banded path"
+    )
 
 
 def check_head_backward() -> None:
@@ -181,7 +214,9 @@ def check_head_backward() -> None:
         grads[fp8] = (loss.item(), xf.grad, wf.grad)
     loss, gx, gw = grads[False]
     assert abs(loss - ref.item()) < 1e-4 * abs(ref.item())
-    assert torch.allclose(gx, xr.grad, rtol=1e-4, atol=1e-6) and torch.allclose(gw, wr.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(gx, xr.grad, rtol=1e-4, atol=1e-6) and torch.allclose(
+        gw, wr.grad, rtol=1e-4, atol=1e-6
+    )
     loss8, gx8, gw8 = grads[True]
     assert abs(loss8 - loss) < 1e-2 * abs(loss), (loss8, loss)
     rel = (gw8 - gw).norm() / gw.norm()
@@ -206,9 +241,13 @@ def check_training_decreases() -> None:
     after = eval_loss()
     assert all(math.isfinite(v) for v in losses), losses
     assert after < before - 0.1, f"eval loss {before:.3f} -> {after:.3f}"
-    assert abs(model.yarn.attn_scale - 0.131778) < 1e-6 and abs(model.yarn_paired.attn_scale - 0.131778) < 1e-6
+    assert (
+        abs(model.yarn.attn_scale - 0.131778) < 1e-6 and abs(model.yarn_paired.attn_scale - 0.131778) < 1e-6
+    )
     assert trainer.opt.split_embed and trainer.schedule.split_step == 9
-    assert not torch.equal(model.embed.weight, model.lm_head.weight.T)  # untied: updated on their own since step 11
+    assert not torch.equal(
+        model.embed.weight, model.lm_head.weight.T
+    )  # untied: updated on their own since step 11
     assert trainer.opt.state["embed.weight"]["step"] == trainer.opt.state["lm_head.weight"]["step"]
 
 
@@ -219,7 +258,11 @@ def check_feature_switches() -> None:
     base = _model()(inp.inputs, inp.targets, CU, bigram_hash(inp.inputs, CFG.bigram_rows), sched).sum().item()
     for name in (f.name for f in dataclasses.fields(Features)):
         cfg = dataclasses.replace(CFG, features=Features(**{name: False}))
-        loss = _model(cfg)(inp.inputs, inp.targets, CU, bigram_hash(inp.inputs, CFG.bigram_rows), sched).sum().item()
+        loss = (
+            _model(cfg)(inp.inputs, inp.targets, CU, bigram_hash(inp.inputs, CFG.bigram_rows), sched)
+            .sum()
+            .item()
+        )
         assert math.isfinite(loss) and loss != base, (name, loss, base)
 
 
@@ -230,8 +273,15 @@ def check_polar_express() -> None:
         assert s.min() > 0.6 and s.max() < 1.25, s
 
 
-CHECKS = (check_converter_round_trip, check_paired_interleave, check_banded_attention, check_head_backward,
-          check_polar_express, check_feature_switches, check_training_decreases)
+CHECKS = (
+    check_converter_round_trip,
+    check_paired_interleave,
+    check_banded_attention,
+    check_head_backward,
+    check_polar_express,
+    check_feature_switches,
+    check_training_decreases,
+)
 
 
 def main() -> int:

@@ -51,8 +51,10 @@ def load_params(model: GPT77, flat: dict[str, np.ndarray]) -> None:
 
 
 def export_grads(model: GPT77, tied: bool, scale: float) -> dict[str, np.ndarray]:
-    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad * scale).cpu().numpy()
-             for n, p in model.named_parameters()}
+    grads = {
+        n: (torch.zeros_like(p) if p.grad is None else p.grad * scale).cpu().numpy()
+        for n, p in model.named_parameters()
+    }
     if tied:
         grads["lm_head.weight"] = grads["lm_head.weight"] + grads["embed.weight"].T
         grads["embed.weight"] = np.zeros_like(grads["embed.weight"])

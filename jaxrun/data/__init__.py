@@ -9,6 +9,7 @@
   text to shards, the embedded demo corpus, and `launch.py data`.
 """
 
+from jaxrun.data.record import RecordStream
 from jaxrun.data.shards import (
     BOS,
     HEADER_BYTES,
@@ -24,7 +25,6 @@ from jaxrun.data.shards import (
     unxz,
     write_shard,
 )
-from jaxrun.data.record import RecordStream
 from jaxrun.data.streams import Batch, DocumentStream, Stage, TokenStream, stage_at
 from jaxrun.data.val import segment_ids, val_batches
 

@@ -67,7 +67,9 @@ def main(argv: list[str]) -> int:
             print(
                 f"{m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards at {args.out}"
             )
-            print(f"train on them with:\n  python launch.py --config CONFIG {run_flags(args.out, m, args.name)}")
+            print(
+                f"train on them with:\n  python launch.py --config CONFIG {run_flags(args.out, m, args.name)}"
+            )
         else:
             paths = unxz(args.src, args.out)
             print(f"{len(paths)} shards ready in {paths[0].parent}")

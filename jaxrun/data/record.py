@@ -87,7 +87,8 @@ class RecordStream(_Stream):
         """Plans consumed by steps [0, step)."""
         ends = [s.step for s in self._steps[1:]] + [step]
         return sum(
-            max(0, min(end, step) - s.step) * (s.batch_seqs // self.ranks) for s, end in zip(self._steps, ends)
+            max(0, min(end, step) - s.step) * (s.batch_seqs // self.ranks)
+            for s, end in zip(self._steps, ends)
         )
 
     def __next__(self) -> Batch:

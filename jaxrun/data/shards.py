@@ -23,7 +23,6 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
-
 MAGIC, VERSION, HEADER_INTS, BOS = 20240520, 1, 256, 50256
 HEADER_BYTES = HEADER_INTS * 4
 
@@ -192,5 +191,3 @@ def _sha256(path: Path) -> str:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
-
-

@@ -119,7 +119,9 @@ class _BatchIterator(grain.DatasetIterator):
                 log.warning(
                     "train data: all %d shards used after %d batches; starting over from the first "
                     "shard (epoch %d). The reference script would stop here.",
-                    len(self._ds.source), self._cur.step, self._cur.epoch + 1,
+                    len(self._ds.source),
+                    self._cur.step,
+                    self._cur.epoch + 1,
                 )
         raise ValueError(
             f"no shard of {self._ds.source} holds one batch of {stage}; use smaller batches or more data"
@@ -359,6 +361,4 @@ class DocumentStream(_Stream):
         vocab_size: int | None = None,
     ):
         stages = _stages(batch_seqs, seq_len, max_doc_len, stages)
-        super().__init__(
-            _Documents(files, stages, process_index, process_count, seed, vocab_size), prefetch
-        )
+        super().__init__(_Documents(files, stages, process_index, process_count, seed, vocab_size), prefetch)

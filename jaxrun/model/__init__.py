@@ -18,7 +18,16 @@ Shape legend for names such as `x_BTD`:
 
 from jaxrun.model import attention, embeddings, head, kernels, mlp, residual
 from jaxrun.model.attention import Mode, rotary_tables
-from jaxrun.model.gpt import apply, count_params, default_mode, flops_per_token, hidden_states, init, loss, token_losses
+from jaxrun.model.gpt import (
+    apply,
+    count_params,
+    default_mode,
+    flops_per_token,
+    hidden_states,
+    init,
+    loss,
+    token_losses,
+)
 from jaxrun.model.head import IGNORE_INDEX
 from jaxrun.model.layers import Params
 from jaxrun.model.plan import LayerPlan, layer_plan

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxrun.config import ModelConfig
 from jaxrun.model import kernels
-from jaxrun.model.layers import Initializer, Params, init_norm, linear, rms_norm, mul, scaled
+from jaxrun.model.layers import Initializer, Params, init_norm, linear, mul, rms_norm, scaled
 from jaxrun.model.plan import LayerPlan
 from jaxrun.param_table import OptimRow
 
@@ -188,7 +188,9 @@ def forward(
     scale = attention_scale(cfg, mode)
     window = window_tokens(cfg, lp, mode)
     if lp.paired:
-        q_BTHK, k_BTHK, v_BTHK, segment_ids_BT = _pair_heads(q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, cfg, mode)
+        q_BTHK, k_BTHK, v_BTHK, segment_ids_BT = _pair_heads(
+            q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, cfg, mode
+        )
     elif cfg.attn.rope is not None:
         cos, sin = rotary_tables(cfg, T, mode)
         pairing = cfg.attn.rope.pairing
@@ -226,7 +228,10 @@ def _pair_heads(q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, cfg: ModelConfig, mode: 
     B, T, H, K = q_BTHK.shape
     cos, sin = rotary_tables(cfg, T, mode, paired=True)
     pairing = cfg.attn.rope.pairing
-    q, k = (rotate(x.reshape(B, T, H // 2, 2 * K), cos, sin, pairing).reshape(B, 2 * T, H // 2, K) for x in (q_BTHK, k_BTHK))
+    q, k = (
+        rotate(x.reshape(B, T, H // 2, 2 * K), cos, sin, pairing).reshape(B, 2 * T, H // 2, K)
+        for x in (q_BTHK, k_BTHK)
+    )
     v = v_BTHK.reshape(B, 2 * T, H // 2, K)
     seg = None if segment_ids_BT is None else jnp.repeat(segment_ids_BT, 2, axis=1)
     return q, k, v, seg

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxrun.config import ModelConfig
 from jaxrun.model.attention import Mode
-from jaxrun.model.layers import Initializer, Params, init_norm, norm, mul
+from jaxrun.model.layers import Initializer, Params, init_norm, mul, norm
 from jaxrun.param_table import OptimRow
 
 # Hash multipliers of record #77's bigram embedding
@@ -36,7 +36,9 @@ def init(cfg: ModelConfig, rng: Initializer) -> Params:
     if cfg.init != "record":
         params["embed"] = {"tokens": rng.normal((V, D), 1.0 if cfg.init == "speedrun" else 0.02)}
         if e.learned_positions:
-            params["embed"]["positions"] = rng.normal((cfg.max_seq_len, D), 1.0 if cfg.init == "speedrun" else 0.02)
+            params["embed"]["positions"] = rng.normal(
+                (cfg.max_seq_len, D), 1.0 if cfg.init == "speedrun" else 0.02
+            )
     if e.norm and (norm_params := init_norm(cfg)):
         params["embed_norm"] = norm_params
     if e.value is not None:
@@ -104,4 +106,3 @@ def value_embeddings(params: Params, tokens_BT: jax.Array, cfg: ModelConfig) -> 
     dtype = jnp.dtype(cfg.compute_dtype)
     tables = params["value_embed"]["tables"]
     return tuple(tables[k][tokens_BT].astype(dtype) for k in range(tables.shape[0]))
-

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxrun.config import Config, ModelConfig
 from jaxrun.model import attention, embeddings, head, mlp, residual
 from jaxrun.model.attention import Mode
-from jaxrun.model.layers import Initializer, Params, norm, mul
+from jaxrun.model.layers import Initializer, Params, mul, norm
 from jaxrun.model.plan import LayerPlan, layer_plan
 
 
@@ -48,7 +48,9 @@ def default_mode(cfg: ModelConfig | Config) -> Mode:
     return Mode()
 
 
-def _layer(x_BTD, lp: LayerPlan, layer: Params, res: Params, cfg: ModelConfig, mode: Mode, ctx: dict) -> jax.Array:
+def _layer(
+    x_BTD, lp: LayerPlan, layer: Params, res: Params, cfg: ModelConfig, mode: Mode, ctx: dict
+) -> jax.Array:
     """One layer: attention (or the gated skip), then the MLP, each into the residual.
 
     `layer` holds this layer's slices of the stacked block params (see `layer_params`).
@@ -156,7 +158,9 @@ def token_losses(
     return head.token_losses(params, h_BTD, batch["targets"], cfg, mode, multi_token_weights)
 
 
-def loss(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig | Config, mode: Mode | None = None) -> jax.Array:
+def loss(
+    params: Params, batch: dict[str, jax.Array], cfg: ModelConfig | Config, mode: Mode | None = None
+) -> jax.Array:
     """Mean next-token cross-entropy over the batch's scored tokens (targets >= 0)."""
     losses_BT = token_losses(params, batch, cfg, mode)
     return losses_BT.sum() / jnp.maximum((batch["targets"] >= 0).sum(), 1)

@@ -78,7 +78,12 @@ def _attention_auto(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, windo
     return fn(q_BTHK, k_BTHK, v_BTHK, scale=scale, segment_ids_BT=segment_ids_BT, window=window)
 
 
-_ATTENTION = {"auto": _attention_auto, "xla": attention_xla, "cudnn": _attention_cudnn, "pallas": _attention_pallas}
+_ATTENTION = {
+    "auto": _attention_auto,
+    "xla": attention_xla,
+    "cudnn": _attention_cudnn,
+    "pallas": _attention_pallas,
+}
 
 
 def resolved_attention(cfg: ModelConfig, documents: bool) -> str:

@@ -19,7 +19,9 @@ from jaxrun.param_table import OptimRow
 
 OPTIM_ROWS = (
     OptimRow(r"blocks/mlp/w_up", "hidden", shape_mult=2.0),
-    OptimRow(r"blocks/mlp/w_down", "hidden", lr_mul=2.0, shape_mult=2.0),  # record #77: W_proj at twice the lr
+    OptimRow(
+        r"blocks/mlp/w_down", "hidden", lr_mul=2.0, shape_mult=2.0
+    ),  # record #77: W_proj at twice the lr
     OptimRow(r"blocks/mlp/b_\w+", "scalar"),
     OptimRow(r"blocks/mlp_norm/(gain|bias)", "scalar"),
 )
@@ -28,7 +30,10 @@ OPTIM_ROWS = (
 def init(cfg: ModelConfig, rng: Initializer) -> Params:
     L, D, F = cfg.num_layers, cfg.model_dim, cfg.mlp_dim
     if cfg.init == "record":  # W_fc U(±√3·0.5/√D), W_proj zero (record #77)
-        mlp = {"w_up": rng.uniform((L, D, F), math.sqrt(3) * 0.5 / math.sqrt(D)), "w_down": jnp.zeros((L, F, D))}
+        mlp = {
+            "w_up": rng.uniform((L, D, F), math.sqrt(3) * 0.5 / math.sqrt(D)),
+            "w_down": jnp.zeros((L, F, D)),
+        }
     elif cfg.init == "speedrun":
         mlp = {"w_up": rng.normal((L, D, F), math.sqrt(0.33 / D)), "w_down": jnp.zeros((L, F, D))}
     else:
@@ -46,5 +51,7 @@ def forward(p: Params, h_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
     if cfg.mlp.activation == "gelu":
         return linear(jax.nn.gelu(linear(h_BTD, p, "w_up", "b_up"), approximate=True), p, "w_down", "b_down")
     B, T, D = h_BTD.shape
-    y_ND = kernels.relu2_mlp(cfg)(h_BTD.reshape(B * T, D), p["w_up"], p["w_down"], p.get("b_up"), p.get("b_down"))
+    y_ND = kernels.relu2_mlp(cfg)(
+        h_BTD.reshape(B * T, D), p["w_up"], p["w_down"], p.get("b_up"), p.get("b_down")
+    )
     return y_ND.reshape(B, T, D)

@@ -10,9 +10,7 @@ def test_prepare_cli(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.txt").write_text("Hello world")
     assert (
-        cli.main(
-            ["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--workers", "0"]
-        )
+        cli.main(["prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--workers", "0"])
         == 0
     )
     assert "1 documents, 3 tokens in 1 shards" in capsys.readouterr().out
@@ -42,4 +40,3 @@ def test_prepare_writes_val_and_prints_the_flags(tmp_path, capsys, monkeypatch):
     overrides = [value for flag, value in zip(flags[4::2], flags[5::2]) if flag == "--set"]
     cfg = apply_overrides(demo.get_config(), ["data.source=shards", *overrides])
     assert len(data.find_shards(cfg.data.train_files)) == 1 and len(data.find_shards(cfg.data.val_files)) == 1
-
