@@ -1,0 +1,79 @@
+"""record77 through the real loop (`train.run`): a run stopped and resumed is the run never stopped.
+
+The full recipe at CPU size (width 32, the record's 11-layer plan, windows in blocks of 8 tokens) over
+4 steps per stage plus 2 extension steps, on BOS-aligned documents packed as the source packs them.
+One straight run checkpoints every 5 steps; copies of it resumed from step 5 (then crossing a stage
+boundary and the untie step in the resumed process) and from step 10 (restoring the untied state)
+log the same train and val losses, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import record77_gpu
+from jaxrun import data, schedule, train
+from jaxrun.config import saved_config
+from jaxrun.data import BOS
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="bitwise resume is checked on CPU"),
+]
+PER_STAGE, EXTENSION, CKPT_EVERY = 4, 2, 5
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The straight run: its config, its run dir, and {step: loss} for train and val records."""
+    tmp = tmp_path_factory.mktemp("record77_resume")
+    rng = np.random.default_rng(77)
+    for name in ("train_000", "train_001", "val_000"):
+        docs = [[BOS, *rng.integers(0, 1000, n)] for n in rng.integers(0, 150, 250)]
+        data.write_shard(tmp / f"{name}.bin", np.concatenate(docs).astype(np.uint16))
+    cfg = record77_gpu._shortened(record77_gpu._config(str(tmp), tiny=True), PER_STAGE, EXTENSION)
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, model_dim=32),
+        train=dataclasses.replace(
+            cfg.train, out_dir=str(tmp / "runs"), ckpt_every=CKPT_EVERY, ckpt_keep=10, val_every=5
+        ),
+    )
+    jax.config.update("jax_compilation_cache_dir", str(tmp / "xla_cache"))  # the resumes reuse it
+    try:
+        result = train.run(cfg)
+        yield cfg, Path(result["run_dir"]), _losses(Path(result["run_dir"]))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
+def _losses(run_dir: Path) -> dict[tuple[str, int], float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(key, r["step"]): r[key] for r in records for key in ("train_loss", "val_loss") if key in r}
+
+
+def test_the_schedule_crosses_stages_and_the_untie_between_checkpoints(straight):
+    cfg, _, _ = straight
+    starts, split = schedule.stage_starts(cfg), schedule.split_step(cfg)
+    assert starts[1] < CKPT_EVERY < starts[2] <= split < 2 * CKPT_EVERY < cfg.train.steps
+
+
+@pytest.mark.parametrize("from_step", [CKPT_EVERY, 2 * CKPT_EVERY])
+def test_resume_logs_the_straight_runs_losses(straight, from_step, tmp_path):
+    _, run_dir, losses = straight
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    for step_dir in (copy / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > from_step:
+            shutil.rmtree(step_dir)
+    train.run(saved_config(copy), resume=str(copy))
+    resumed = _losses(copy)
+    assert resumed.keys() == losses.keys()
+    assert {k: v for k, v in resumed.items() if v != losses[k]} == {}
