@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+DOC_TOKENS = 1000  # mean document length of the synthetic segment ids (FineWeb's is about 1,000)
 CATEGORIES = ("matmul", "attention", "reductions", "elementwise", "collectives", "copies", "other")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "nccl")
 # Library kernels, by name, when the trace event names no HLO instruction we know.
@@ -207,27 +208,30 @@ def plot(result: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def profile(cfg, steps: int, out: Path) -> dict:
-    """Compile `cfg`'s step, run 2 warm-up steps, trace `steps` more, and break the trace down."""
+def profile(cfg, steps: int, out: Path, at_step: int = 0) -> dict:
+    """Compile `cfg`'s step as the schedule runs it at `at_step` (mode and batch shape), run 2 warm-up
+    steps, trace `steps` more, and break the trace down."""
     import jax
     import jax.numpy as jnp
 
-    from jaxrun import schedule, sharding, train
+    from jaxrun import data, schedule, sharding, train
 
     mesh = sharding.make_mesh(cfg.mesh)
     state = train.init_state(cfg, jax.random.key(cfg.train.seed), mesh)
-    accum = train.grad_accum_steps(cfg, mesh.size)
-    shape = (accum, cfg.data.batch_seqs // accum, cfg.data.seq_len)
+    stage = data.stage_at(at_step, train.data_stages(cfg))
+    accum = train.grad_accum_steps(cfg, mesh.size, stage.batch_seqs)
+    shape = (accum, stage.batch_seqs // accum, stage.seq_len)
     spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
     keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
-    compiled = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0)).lower(
+    compiled = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, at_step)).lower(
         state, dict.fromkeys(keys, spec)
     )
     compiled = compiled.compile()
     tokens = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size, jnp.int32)
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=-1)}
-    if "segment_ids" in keys:
-        batch["segment_ids"] = jnp.ones(shape, jnp.int32)
+    if "segment_ids" in keys:  # documents of DOC_TOKENS tokens on average
+        starts = jax.random.bernoulli(jax.random.key(2), 1 / DOC_TOKENS, shape)
+        batch["segment_ids"] = jnp.cumsum(starts, axis=-1, dtype=jnp.int32)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     for _ in range(2):
         state, metrics = compiled(state, batch)
@@ -243,6 +247,7 @@ def profile(cfg, steps: int, out: Path) -> dict:
     result = breakdown(trace, compiled.as_text(), steps)
     result["device"] = jax.devices()[0].device_kind
     result["config"] = cfg.name
+    result["at_step"] = at_step
     return result
 
 
@@ -251,6 +256,9 @@ def main(argv: list[str] | None = None, load_config: Callable | None = None) -> 
     p.add_argument("--config", default="simple")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--steps", type=int, default=3, help="steps traced (after 2 untraced warm-up steps)")
+    p.add_argument(
+        "--at-step", type=int, default=0, help="profile the step the schedule runs here (mode, batch shape)"
+    )
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp(prefix="profile_step-"))
     a = p.parse_args(argv)
     if load_config is None:
@@ -261,11 +269,14 @@ def main(argv: list[str] | None = None, load_config: Callable | None = None) -> 
     cfg = apply_overrides(load_config(a.config), a.set)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = profile(cfg, a.steps, out)
+    result = profile(cfg, a.steps, out, a.at_step)
     (out / "profile_step.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "profile_step.png", f"{cfg.name} on {result['device']}: kernel time per step")
     total = result["total_ms_per_step"]
-    print(f"{cfg.name} on {result['device']} ({result['source']}), {a.steps} steps traced")
+    print(
+        f"{cfg.name} on {result['device']} ({result['source']}), {a.steps} steps traced, "
+        f"as at step {a.at_step}"
+    )
     print("category | ms/step | share")
     for cat, ms in result["ms_per_step"].items():
         print(f"{cat} | {ms:.2f} | {ms / total:.1%}" if total else f"{cat} | {ms:.2f} | -")
