@@ -375,6 +375,9 @@ class OptimConfig:
     muon_ns: Literal["simple", "quintic", "polar_express"] = "simple"
     muon_scaling: Literal["shape", "normuon"] = "shape"
     muon_ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # float32 only for exactness checks
+    # Newton–Schulz matmuls: XLA's, or Pallas kernels that compute one triangle of X·Xᵀ and of
+    # b·A + c·A² and mirror it (record #77's symmetric kernels); interpreted off GPU.
+    muon_ns_impl: Literal["xla", "pallas"] = "xla"
     # schedule: linear warmup, constant, then decay to final_lr_frac over the last cooldown_frac
     warmup_steps: int = 0
     cooldown_frac: float = 0.7
@@ -400,6 +403,7 @@ class OptimConfig:
         _check_choice(node, "muon_ns", self.muon_ns, ("simple", "quintic", "polar_express"))
         _check_choice(node, "muon_scaling", self.muon_scaling, ("shape", "normuon"))
         _check_choice(node, "muon_ns_dtype", self.muon_ns_dtype, ("bfloat16", "float32"))
+        _check_choice(node, "muon_ns_impl", self.muon_ns_impl, ("xla", "pallas"))
         _check_choice(node, "muon_weight_decay_mode", self.muon_weight_decay_mode, ("decoupled", "cautious"))
         _check_choice(node, "cooldown_shape", self.cooldown_shape, ("linear", "cosine"))
         _check_choice(node, "loss_reduction", self.loss_reduction, ("sum", "mean", "rank_mean"))
