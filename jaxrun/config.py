@@ -188,7 +188,8 @@ class KernelConfig:
     attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     mlp: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
     # "xla_fused": head + softcap ('isru', 'tanh') + CE as one custom VJP in XLA, no f32 [N, V];
-    # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token.
+    # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
+    # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
     loss: Literal["xla", "xla_fused", "pallas"] = "xla"
 
 
@@ -243,10 +244,12 @@ class ModelConfig:
             f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
         )
         caps = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}[self.kernels.loss]
+        record_head = self.head.fp8 is not None and self.head.softcap == "sigmoid"  # head_mtp_loss
         _check(
-            caps is None or (self.head.softcap in caps and not self._record_head),
+            caps is None or record_head or (self.head.softcap in caps and not self._record_head),
             f"model.kernels.loss={self.kernels.loss!r} supports softcap {' or '.join(map(repr, caps or ()))} "
-            f"without FP8 or multi-token loss, not model.head={self.head}",
+            "without FP8 or multi-token loss, or the FP8 head with softcap 'sigmoid' (model.head.fp8 set, "
+            f"multi-token or not), not model.head={self.head}",
         )
         self._check_rope()
         self._check_layers()
