@@ -8,10 +8,12 @@ and saves only the log-sum-exp for the backward pass, which recomputes the proba
 kernels (dk/dv over query blocks, dq over key blocks). Block ranges are computed per block from
 the window and the document bounds, so blocks wholly outside either are skipped, and the mask
 is evaluated only on blocks that straddle an edge. The kernels use the portable `pallas_call`
-BlockSpec API (Triton lowering on GPU) and run under `interpret=True` on CPU. Without documents,
-the forward pass of bf16/f16 inputs is the Mosaic GPU kernel in `attention_mgpu.py` (Hopper:
-TMA, wgmma, warp-specialised), which writes the same residuals; `interpret=True` runs it on the
-Mosaic GPU simulator.
+BlockSpec API (Triton lowering on GPU) and run under `interpret=True` on CPU. On a Hopper GPU,
+bf16/f16 inputs with a head dim that is a multiple of 64 run the Mosaic GPU kernels instead, for
+every mask: the forward in `attention_mgpu.py` and the backward in `attention_mgpu_bwd.py`
+(TMA, wgmma, warp-specialised), which keep the same residuals; `interpret=True` runs them on the
+Mosaic GPU simulator. The Triton kernels remain the portable path (other GPUs, f32, and the
+`mosaic_forward` / `mosaic_backward` switches of `BlockSizes`).
 
 References:
   Dao, FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning, 2023.
@@ -31,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import attention_mgpu
+from pallas_kernels import attention_mgpu, attention_mgpu_bwd
 from pallas_kernels.shapes import out_struct
 
 _LOG2E = math.log2(math.e)
@@ -44,8 +46,9 @@ _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 class BlockSizes:
     """Tiles (powers of two, at least 16) and launch settings, one group per kernel.
 
-    The `mgpu` group is the Mosaic GPU forward's (tiles multiples of 64), used when
-    `mosaic_forward` is set and there are no documents; the other groups are Triton's.
+    The `mgpu` groups are the Mosaic GPU kernels' (tiles multiples of 64; the forward's and dq's
+    query tiles and dk/dv's key tiles are per consumer warpgroup, a CTA takes two), used on Hopper
+    for bf16/f16 when `mosaic_forward` / `mosaic_backward` are set; the other groups are Triton's.
 
     Defaults were picked by `benchmarks/attention_bench.py --sweep` on an H100 (docs/PERF.md).
     """
@@ -66,6 +69,12 @@ class BlockSizes:
     block_q_mgpu: int = 64  # per consumer warpgroup; a CTA takes two
     block_k_mgpu: int = 128
     stages_mgpu: int = 2
+    mosaic_backward: bool = True
+    block_q_dq_mgpu: int = 64
+    block_k_dq_mgpu: int = 64
+    block_q_dkv_mgpu: int = 64
+    block_k_dkv_mgpu: int = 64
+    stages_bwd_mgpu: int = 2
 
     @classmethod
     def get_default(cls) -> BlockSizes:
@@ -270,16 +279,28 @@ def _range_specs(index_map):
     return [pl.BlockSpec((None, None, None), functools.partial(index_map, c)) for c in range(4)]
 
 
-def _uses_mosaic(q: jax.Array, segment_ids, bs: BlockSizes) -> bool:
-    mosaic_ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0
-    return bs.mosaic_forward and segment_ids is None and mosaic_ok
+def _mosaic_ok(q: jax.Array, interpret: bool) -> bool:
+    """bf16/f16, head dim a multiple of 64, and Hopper (wgmma) or its simulator."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 64:
+        return False
+    return interpret or getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+
+
+def _uses_mosaic(q: jax.Array, bs: BlockSizes, interpret: bool) -> bool:
+    return bs.mosaic_forward and _mosaic_ok(q, interpret)
+
+
+def _uses_mosaic_bwd(q: jax.Array, bs: BlockSizes, interpret: bool) -> bool:
+    return bs.mosaic_backward and _mosaic_ok(q, interpret)
 
 
 def _forward(q, k, v, segment_ids, window, scale, bs: BlockSizes, interpret: bool):
-    if _uses_mosaic(q, segment_ids, bs):
+    if _uses_mosaic(q, bs, interpret):
         tiles = {"block_q": bs.block_q_mgpu, "block_k": bs.block_k_mgpu, "stages": bs.stages_mgpu}
         sim = plmgpu.InterpretGPUParams() if interpret else None
-        return attention_mgpu.forward(q, k, v, window=window, scale=scale, interpret=sim, **tiles)
+        return attention_mgpu.forward(
+            q, k, v, segment_ids=segment_ids, window=window, scale=scale, interpret=sim, **tiles
+        )
     b, t, h, d = q.shape
     nq = t // bs.block_q
     docs = None if segment_ids is None else _doc_bounds(segment_ids)
@@ -371,6 +392,18 @@ def _dq_call(q, k, v, o, do, lse, segment_ids, window, scale, bs: BlockSizes, in
 
 
 def _backward(q, k, v, segment_ids, o, lse, do, window, scale, bs: BlockSizes, interpret: bool):
+    if _uses_mosaic_bwd(q, bs, interpret):
+        tiles = {
+            "block_q_dq": bs.block_q_dq_mgpu,
+            "block_k_dq": bs.block_k_dq_mgpu,
+            "block_q_dkv": bs.block_q_dkv_mgpu,
+            "block_k_dkv": bs.block_k_dkv_mgpu,
+            "stages": bs.stages_bwd_mgpu,
+        }
+        sim = plmgpu.InterpretGPUParams() if interpret else None
+        return attention_mgpu_bwd.backward(
+            q, k, v, o, lse, do, segment_ids=segment_ids, window=window, scale=scale, interpret=sim, **tiles
+        )
     rest = (window, scale, bs, interpret)
     dq, delta = _dq_call(q, k, v, o, do, lse, segment_ids, *rest)
     dk, dv = _dkdv_call(q, k, v, do, lse, delta, segment_ids, *rest)
@@ -433,8 +466,11 @@ def flash_attention(
         raise ValueError(f"segment_ids must be {(b, t)}, got {segment_ids.shape}")
     bs = (block_sizes or BlockSizes.get_default()).fit(t)
     multiple = max(bs.blocks)
-    if _uses_mosaic(q, segment_ids, bs):
-        multiple = max(multiple, 2 * bs.block_q_mgpu, bs.block_k_mgpu)
+    if _uses_mosaic(q, bs, interpret):
+        multiple = math.lcm(multiple, 2 * bs.block_q_mgpu, bs.block_k_mgpu)
+    if _uses_mosaic_bwd(q, bs, interpret):
+        tiles = (2 * bs.block_q_dq_mgpu, bs.block_k_dq_mgpu, bs.block_q_dkv_mgpu, 2 * bs.block_k_dkv_mgpu)
+        multiple = math.lcm(multiple, *tiles)
     tp = -(-t // multiple) * multiple
     if tp != t:
         # Padded keys sit after every real query, so the causal mask already hides them; padded

@@ -37,24 +37,88 @@ _LOG2E = math.log2(math.e)
 # visible key (the diagonal is always one) multiplies that by exp2(_MASK - m) = 0.
 _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 _CONSUMERS = 2
+_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _cdiv(x: jax.Array, n: int) -> jax.Array:
-    return lax.div(x + (n - 1), jnp.int32(n))
+def _cdiv(x, n: int):
+    return (x + (n - 1)) // n
 
 
-def key_blocks(q_start: jax.Array, rows: int, block_k: int, window: int | None):
-    """Key blocks `[lo, full_lo, full_hi, hi)` of rows q_start..q_start+rows-1.
+# ----------------------------------------------------------------------------- masks and block ranges
 
-    [lo, hi) holds every visible key; inside it, [full_lo, full_hi) needs no mask.
+
+def visible_bounds(segment_ids_BT: jax.Array | None, batch: int, t: int, window: int | None):
+    """`first_key_BT` (the first key each query sees) and `last_query_BT` (the last query that sees
+    each key), int32 `[B, T]`.
+
+    Query q sees key k iff first_key[q] <= k <= q, equivalently k <= q <= last_query[k]: documents
+    are contiguous runs of equal ids, so "same document" is "k at or after q's document start" once
+    k <= q. Both are nondecreasing along T, which makes every block range below one interval.
     """
-    lo_pos = jnp.int32(0) if window is None else jnp.maximum(q_start - window, 0)
-    lo = lax.div(lo_pos, jnp.int32(block_k))
-    hi = _cdiv(q_start + rows, block_k)
-    full_lo_pos = jnp.int32(0) if window is None else jnp.maximum(q_start + rows - 1 - window, 0)
-    full_lo = jnp.clip(_cdiv(full_lo_pos, block_k), lo, hi)
-    full_hi = jnp.clip(lax.div(q_start + 1, jnp.int32(block_k)), full_lo, hi)
-    return lo, full_lo, full_hi, hi
+    pos = jnp.arange(t, dtype=jnp.int32)[None, :]
+    first = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - window, 0)
+    last = jnp.full_like(pos, t - 1) if window is None else jnp.minimum(pos + window, t - 1)
+    if segment_ids_BT is not None:
+        change = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+        edge = jnp.ones((segment_ids_BT.shape[0], 1), bool)
+        starts = lax.cummax(jnp.where(jnp.concatenate([edge, change], axis=1), pos, 0), axis=1)
+        ends = lax.cummin(
+            jnp.where(jnp.concatenate([change, edge], axis=1), pos, t - 1), axis=1, reverse=True
+        )
+        first, last = jnp.maximum(first, starts), jnp.minimum(last, ends)
+    shape = (batch, t)
+    return jnp.broadcast_to(first, shape).astype(jnp.int32), jnp.broadcast_to(last, shape).astype(jnp.int32)
+
+
+def _stack(a, full_lo, full_hi, d):
+    a, full_lo, full_hi, d = jnp.broadcast_arrays(a, full_lo, full_hi, d)
+    b = jnp.clip(full_lo, a, d)
+    return jnp.stack([a, b, jnp.clip(full_hi, b, d), d], axis=-1).astype(jnp.int32)
+
+
+def key_block_ranges(first_key_BT: jax.Array, rows: int, cols: int) -> jax.Array:
+    """For each block of `rows` queries, its key blocks of `cols` keys `[a, b, c, d]`, `[B, T // rows, 4]`.
+
+    [a, d) are the blocks holding a visible pair; [b, c) those where every pair is visible.
+    """
+    qs = jnp.arange(0, first_key_BT.shape[1], rows, dtype=jnp.int32)
+    a = first_key_BT[:, qs] // cols
+    d = ((qs + rows - 1) // cols + 1)[None, :]
+    return _stack(a, _cdiv(first_key_BT[:, qs + rows - 1], cols), ((qs + 1) // cols)[None, :], d)
+
+
+def query_block_ranges(last_query_BT: jax.Array, rows: int, cols: int) -> jax.Array:
+    """For each block of `rows` keys, its query blocks of `cols` queries `[a, b, c, d]`, `[B, T // rows, 4]`."""
+    ks = jnp.arange(0, last_query_BT.shape[1], rows, dtype=jnp.int32)
+    d = last_query_BT[:, ks + rows - 1] // cols + 1
+    return _stack(
+        (ks // cols)[None, :], _cdiv(ks + rows - 1, cols)[None, :], (last_query_BT[:, ks] + 1) // cols, d
+    )
+
+
+def ring(first, last, stages: int, load, freed) -> None:
+    """Producer side of a ring of `stages` SMEM slots: `load(j, slot)` for blocks first..last-1.
+
+    Block j goes to slot (j - first) mod stages once the consumers have arrived at every barrier
+    in `freed` for that slot's previous block.
+    """
+
+    def slot(j):
+        return lax.rem(j - first, jnp.int32(stages))
+
+    for i in range(stages):
+        pl.when(first + i < last)(functools.partial(load, first + i, i))
+
+    @pl.loop(first + stages, last)
+    def _refill(j):
+        for barrier in freed:
+            plgpu.barrier_wait(barrier.at[slot(j)])
+        load(j, slot(j))
+
+    @pl.loop(jnp.maximum(first, last - stages), last)
+    def _drain(j):  # observe the last frees too, so every barrier phase is consumed
+        for barrier in freed:
+            plgpu.barrier_wait(barrier.at[slot(j)])
 
 
 def forward(
@@ -62,6 +126,7 @@ def forward(
     k: jax.Array,
     v: jax.Array,
     *,
+    segment_ids: jax.Array | None = None,
     window: int | None,
     scale: float,
     block_q: int = 64,
@@ -71,7 +136,8 @@ def forward(
 ) -> tuple[jax.Array, jax.Array]:
     """Output `[B, T, H, K]` and log2-sum-exp `[B, H, T]` f32; T a multiple of 2·block_q and block_k.
 
-    `interpret` takes a `plgpu.InterpretGPUParams` to run on the CPU simulator.
+    `segment_ids` `[B, T]` int32 (documents as contiguous runs) or None. `interpret` takes a
+    `plgpu.InterpretGPUParams` to run on the CPU simulator.
     """
     b, t, h, d = q.shape
     if t % (_CONSUMERS * block_q) or t % block_k:
@@ -81,16 +147,18 @@ def forward(
     dtype = q.dtype
     c = scale * _LOG2E
     num_tiles = t // (_CONSUMERS * block_q)
+    first_key_BT, _ = visible_bounds(segment_ids, b, t, window)
+    ranges = key_block_ranges(first_key_BT, block_q, block_k)
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, freed, turn):
-        q_smem2, k_smem, v_smem, lse_smem2 = smem
-        k_loaded, v_loaded, q_loaded = loaded
+    def kernel(q_ref, k_ref, v_ref, ranges_ref, fk_ref, o_ref, lse_ref, smem, loaded, freed, turn):
+        q_smem2, k_smem, v_smem, lse_smem2, fk_smem2 = smem
+        k_loaded, v_loaded, q_loaded, fk_loaded = loaded
         k_freed, v_freed = freed
         bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
         tile = num_tiles - 1 - lax.axis_index("q_tiles")  # heaviest causal tiles first
         cta_q = tile * (_CONSUMERS * block_q)
-        first = key_blocks(cta_q, block_q, block_k, window)[0]
-        last = key_blocks(cta_q + block_q, block_q, block_k, window)[3]
+        first = ranges_ref[bi, _CONSUMERS * tile, 0]
+        last = ranges_ref[bi, _CONSUMERS * tile + _CONSUMERS - 1, 3]
         wg = lax.axis_index("wg")
 
         def slot(j):
@@ -103,13 +171,17 @@ def forward(
         @pl.when(wg < _CONSUMERS)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+            q_smem, lse_smem, fk_smem = q_smem2.at[wg], lse_smem2.at[wg], fk_smem2.at[wg]
             q_start = cta_q + wg * block_q
-            lo, full_lo, full_hi, hi_blk = key_blocks(q_start, block_q, block_k, window)
+            lo, full_lo, full_hi, hi_blk = (ranges_ref[bi, _CONSUMERS * tile + wg, i] for i in range(4))
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_start, block_q), hi], q_smem, q_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(fk_ref.at[bi, pl.ds(q_start, block_q)], fk_smem, fk_loaded.at[wg])
             plgpu.barrier_wait(q_loaded.at[wg])
-            m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            plgpu.barrier_wait(fk_loaded.at[wg])
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            first_key = plgpu.load(fk_smem, layout=row_layout)
+            m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+            l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout)
             acc = plgpu.layout_cast(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
             plgpu.barrier_wait(k_loaded.at[0])  # every tile has a block: its diagonal
             pl.when(wg == 1)(take_turn)
@@ -134,8 +206,10 @@ def forward(
                     s = s * c
                     rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
                     cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                    gap = (rows + q_start) - (cols + j * block_k)  # query position - key position
-                    visible = gap >= 0 if window is None else (gap >= 0) & (gap <= window)
+                    key_pos = cols + j * block_k
+                    visible = (key_pos <= rows + q_start) & (
+                        key_pos >= lax.broadcast_in_dim(first_key, s.shape, [0])
+                    )
                     s = jnp.where(visible, s, _MASK)
                     m_new = jnp.maximum(m, s.max(axis=1))
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -197,38 +271,26 @@ def forward(
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[s_], k_loaded.at[s_])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[s_], v_loaded.at[s_])
 
-            for i in range(stages):
-                pl.when(first + i < last)(functools.partial(load, first + i, i))
+            ring(first, last, stages, load, (k_freed, v_freed))
 
-            @pl.loop(first + stages, last)
-            def _refill(j):
-                s_ = slot(j)
-                plgpu.barrier_wait(k_freed.at[s_])
-                plgpu.barrier_wait(v_freed.at[s_])
-                load(j, s_)
-
-            @pl.loop(jnp.maximum(first, last - stages), last)
-            def _drain(j):  # observe the last frees too, so every barrier phase is consumed
-                plgpu.barrier_wait(k_freed.at[slot(j)])
-                plgpu.barrier_wait(v_freed.at[slot(j)])
-
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    def entry(q_ref, k_ref, v_ref, ranges_ref, fk_ref, o_ref, lse_ref):
         smem = (
-            plgpu.SMEM((_CONSUMERS, block_q, d), dtype, transforms=transforms),
-            plgpu.SMEM((stages, block_k, d), dtype, transforms=transforms),
-            plgpu.SMEM((stages, block_k, d), dtype, transforms=transforms),
+            plgpu.SMEM((_CONSUMERS, block_q, d), dtype, transforms=_TRANSFORMS),
+            plgpu.SMEM((stages, block_k, d), dtype, transforms=_TRANSFORMS),
+            plgpu.SMEM((stages, block_k, d), dtype, transforms=_TRANSFORMS),
             plgpu.SMEM((_CONSUMERS, block_q), jnp.float32),
+            plgpu.SMEM((_CONSUMERS, block_q), jnp.int32),
         )
         loaded = (
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=_CONSUMERS),
+            plgpu.Barrier(num_barriers=_CONSUMERS),
         )
         freed = (plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),) * 2
         turn = plgpu.Barrier(num_arrivals=_CONSUMERS)
         pl.run_scoped(
-            lambda *scratch: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch),
+            lambda *scratch: kernel(q_ref, k_ref, v_ref, ranges_ref, fk_ref, o_ref, lse_ref, *scratch),
             smem,
             loaded,
             freed,
@@ -247,4 +309,4 @@ def forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
         kernel_name="flash_attention_fwd_mgpu",
-    )(q, k, v)
+    )(q, k, v, ranges, first_key_BT)
