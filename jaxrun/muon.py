@@ -49,8 +49,18 @@ NS_PRESETS: dict[str, NSCoefficients] = {
     ),
 }
 
+_NS_IMPLS = ("xla", "pallas")
 _SCALINGS = ("shape", "normuon")
 _WEIGHT_DECAY_MODES = ("decoupled", "cautious")
+
+
+def _normalized(x, coeffs, eps, dtype, round_first):
+    """``x / (‖x‖_F · safety + eps)`` per matrix, in `dtype`."""
+    # The norm comes from the fp32 values (or from their `dtype` rounding); only
+    # the iteration runs in `dtype`.
+    x32 = (x.astype(dtype) if round_first else x).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))
+    return (x32 / (norm * coeffs.safety + eps)).astype(dtype)
 
 
 def newton_schulz(
@@ -60,12 +70,14 @@ def newton_schulz(
     *,
     dtype: jnp.dtype = jnp.bfloat16,
     round_first: bool = False,
+    impl: str = "xla",
 ) -> jax.Array:
     """Approximates the polar factor ``U Vᵀ`` of each matrix in ``x``.
 
-    Tall matrices are transposed first so that the Gram matrix ``X Xᵀ`` is the
-    small side. Leading axes are batch axes of batched matmuls; no two
-    matrices interact.
+    The Gram matrix is taken on the small side: tall matrices are transposed
+    first (``impl="xla"``), or iterate as ``X -> a X + X (b A + c A²)`` with
+    ``A = Xᵀ X`` (``impl="pallas"``, as record #77 does). Leading axes are
+    batch axes of batched matmuls; no two matrices interact.
 
     Args:
       x: ``[..., m, n]`` array; the last two axes are the matrix.
@@ -78,19 +90,24 @@ def newton_schulz(
         dividing, as record #77's ``polar_express`` does (it casts the
         momentum to bf16 first); otherwise the norm comes from the fp32
         values and ``x`` is rounded once, after the division.
+      impl: ``"xla"``: every product is an XLA matmul. ``"pallas"``: the two
+        symmetric products (``A`` and ``b A + c A²``) are Pallas kernels that
+        compute one triangle and mirror it (``pallas_kernels.symmetric_mm``),
+        interpreted off GPU; the last product stays an XLA matmul. Both round
+        the same intermediates to ``dtype``; they differ only in fp32
+        summation order.
 
     Returns:
       An array with the shape and dtype of ``x``.
     """
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs a [..., m, n] array, got shape {x.shape}")
+    if impl not in _NS_IMPLS:
+        raise ValueError(f"impl must be one of {_NS_IMPLS}, got {impl!r}")
     tall = x.shape[-2] > x.shape[-1]
-    y = jnp.swapaxes(x, -1, -2) if tall else x
-    # The norm comes from the fp32 values (or from their `dtype` rounding); only
-    # the iteration runs in `dtype`.
-    y32 = (y.astype(dtype) if round_first else y).astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(y32), axis=(-2, -1), keepdims=True))
-    y = (y32 / (norm * coeffs.safety + eps)).astype(dtype)
+    if impl == "pallas":
+        return _newton_schulz_pallas(x, coeffs, eps, dtype, round_first, tall)
+    y = _normalized(jnp.swapaxes(x, -1, -2) if tall else x, coeffs, eps, dtype, round_first)
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
     def mm(u, v):
@@ -104,6 +121,24 @@ def newton_schulz(
         y = (a * y.astype(jnp.float32) + mm(poly, y)).astype(dtype)
     if tall:
         y = jnp.swapaxes(y, -1, -2)
+    return y.astype(x.dtype)
+
+
+def _newton_schulz_pallas(x, coeffs, eps, dtype, round_first, tall):
+    """``newton_schulz`` with the symmetric products as Pallas kernels; tall matrices stay tall."""
+    from pallas_kernels import symmetric_mm
+
+    interpret = jax.default_backend() != "gpu"
+    gram_of = symmetric_mm.xtx if tall else symmetric_mm.xxt
+    y = _normalized(x, coeffs, eps, dtype, round_first)
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    for a, b, c in coeffs.coeffs:
+        gram = gram_of(y, interpret=interpret)
+        poly = symmetric_mm.ba_plus_caa(gram, b, c, interpret=interpret)
+        # X·poly for tall X: the transpose of poly·Xᵀ, as poly is symmetric.
+        product = (y, poly) if tall else (poly, y)
+        step = jnp.matmul(*product, precision=precision, preferred_element_type=jnp.float32)
+        y = (a * y.astype(jnp.float32) + step).astype(dtype)
     return y.astype(x.dtype)
 
 
@@ -170,6 +205,7 @@ def scale_by_muon(
     eps: float = 1e-7,
     ns_dtype: jnp.dtype = jnp.bfloat16,
     ns_round_first: bool = False,
+    ns_impl: str = "xla",
     shape_factor: bool = True,
 ) -> optax.GradientTransformation:
     """Momentum, then orthogonalization, then shape or NorMuon scaling.
@@ -202,6 +238,7 @@ def scale_by_muon(
       eps: added to the Frobenius norm before Newton–Schulz.
       ns_dtype: the Newton–Schulz dtype; bf16 except in reference checks.
       ns_round_first: passed to ``newton_schulz`` as ``round_first``.
+      ns_impl: passed to ``newton_schulz`` as ``impl``: ``"xla"`` or ``"pallas"``.
       shape_factor: multiply by ``sqrt(max(1, fan_out / fan_in))``. Off when
         the caller scales each leaf itself (record #77's param table gives
         ``w_down`` [F, D] the same factor 2 as ``w_up`` [D, F]).
@@ -223,6 +260,8 @@ def scale_by_muon(
     coeffs = NS_PRESETS[ns] if isinstance(ns, str) else ns
     if scaling not in _SCALINGS:
         raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
+    if ns_impl not in _NS_IMPLS:
+        raise ValueError(f"ns_impl must be one of {_NS_IMPLS}, got {ns_impl!r}")
     use_normuon = scaling == "normuon"
 
     def init_fn(params):
@@ -241,7 +280,7 @@ def scale_by_muon(
         g32, m32 = g.astype(jnp.float32), m.astype(jnp.float32)
         m32 = m32 + (1.0 - beta) * (g32 - m32)
         u = g32 + beta * (m32 - g32) if nesterov else m32
-        o = newton_schulz(u, coeffs, eps, dtype=ns_dtype, round_first=ns_round_first)
+        o = newton_schulz(u, coeffs, eps, dtype=ns_dtype, round_first=ns_round_first, impl=ns_impl)
         if use_normuon:
             o, nu = _normuon(o, nu, normuon_b2)
         if shape_factor:
