@@ -9,11 +9,25 @@ sets the rate at which a plain-JAX fwd+bwd of the 124M model at 64K tokens
 
     python -m benchmarks.muon_bench            # GPU sizes, from the repo root
     python -m benchmarks.muon_bench --small    # CPU-sized smoke run
+
+`--ns-impls` instead times Polar Express (5 iterations, bf16, as record #77's
+NorMuon runs it) with `impl="xla"` and `impl="pallas"` (the symmetric kernels
+of `pallas_kernels/symmetric_mm.py`) on record #77's banks: attention
+4 × [10, 768, 768], MLP [11, 768, 3072] and [11, 3072, 768], whole on one
+device and as one device's share under 8-way ZeRO-1 (2 layers of each bank).
+Each implementation runs in its own process, so the device's peak memory is
+its own. `--ns-kernels` times each symmetric kernel against the XLA matmul it
+replaces, at several tilings.
+
+    python -m benchmarks.muon_bench --ns-impls
+    python -m benchmarks.muon_bench --ns-kernels
 """
 
 import argparse
 import math
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -87,14 +101,156 @@ def matmul_tflops(n: int, warmup: int, iters: int) -> tuple[float, float]:
     return med, 2 * n**3 / (med * 1e-3) / 1e12
 
 
+# ----------------------------------------------------------------------------
+# Polar Express: XLA matmuls against the symmetric Pallas kernels
+
+
+def record77_banks(key: jax.Array, attn_layers: int, mlp_layers: int, dim: int) -> dict:
+    """Record #77's Muon banks, fp32 like the momentum Newton–Schulz reads."""
+    shapes = {name: (attn_layers, dim, dim) for name in ("w_q", "w_k", "w_v", "w_o")}
+    shapes |= {"w_up": (mlp_layers, dim, 4 * dim), "w_down": (mlp_layers, 4 * dim, dim)}
+    keys = jax.random.split(key, len(shapes))
+    return {
+        name: jax.random.normal(k, s, jnp.float32) for k, (name, s) in zip(keys, shapes.items(), strict=True)
+    }
+
+
+def polar_express(impl: str):
+    """Record #77's orthogonalization of every bank: bf16, rounded before the norm, eps 1e-6."""
+    coeffs = jm.NS_PRESETS["polar_express"]
+    ns = lambda x: jm.newton_schulz(x, coeffs, 1e-6, dtype=jnp.bfloat16, round_first=True, impl=impl)
+    return jax.jit(lambda banks: jax.tree.map(ns, banks))
+
+
+def _mib(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def ns_impl_rows(impl: str, small: bool, warmup: int, iters: int) -> None:
+    """Prints one row per case for `impl` (run in a process of its own, for its peak memory)."""
+    layers, dim = (3, 128) if small else (11, 768)
+    # One device's share under ZeRO-1 on 8: each layer axis (10 and 11) padded to 16, 2 layers each.
+    cases = [("8-way ZeRO share", 2, 2), ("whole banks", layers - 1, layers)]
+    dev = jax.devices()[0]
+    for label, attn_layers, mlp_layers in cases:
+        banks = record77_banks(jax.random.key(0), attn_layers, mlp_layers, dim)
+        t0 = time.perf_counter()
+        compiled = polar_express(impl).lower(banks).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+        med, best = time_calls(lambda c=compiled, b=banks: jax.block_until_ready(c(b)), warmup, iters)
+        stats = dev.memory_stats() or {}
+        flops = ns_flops(banks, len(jm.NS_PRESETS["polar_express"].coeffs))
+        tflops = flops / (med * 1e-3) / 1e12
+        print(
+            f"{label:18s} {impl:7s} {med:10.3f} {best:8.3f} {tflops:10.1f} {compile_s:9.1f} "
+            f"{_mib(temp):>9s} {_mib(stats.get('peak_bytes_in_use')):>9s}",
+            flush=True,
+        )
+        if impl == "pallas":  # after the peak is read: the XLA result for comparison
+            got, want = compiled(banks), polar_express("xla")(banks)
+            for name in banks:
+                diff = jnp.abs(got[name].astype(jnp.float32) - want[name].astype(jnp.float32))
+                scale = float(jnp.max(jnp.abs(want[name].astype(jnp.float32))))
+                print(
+                    f"    {name:7s} {tuple(banks[name].shape)}: max|pallas - xla| / max|xla| = "
+                    f"{float(jnp.max(diff)) / scale:.2e}, entries that differ {float(jnp.mean(diff > 0)):.1%}"
+                )
+
+
+def ns_impls(args) -> None:
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
+    print("Polar Express x5 in bf16 on record #77's banks (attention 4 x [L-1,D,D], MLP [L,D,4D], [L,4D,D])")
+    print("TFLOP/s counts full-matmul FLOPs (4m²n + 2m³ per step) for both; peak: this process's device peak")
+    print(
+        f"{'case':18s} {'impl':7s} {'median ms':>10s} {'min ms':>8s} {'TFLOP/s':>10s} {'compile s':>9s} "
+        f"{'temp MiB':>9s} {'peak MiB':>9s}",
+        flush=True,
+    )
+    for impl in ("xla", "pallas"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.muon_bench",
+            "--ns-impl-child",
+            impl,
+            "--iters",
+            str(args.iters),
+        ]
+        subprocess.run(cmd + (["--small"] if args.small else []), check=True)
+
+
+def ns_kernels(args) -> None:
+    """Each symmetric kernel against the XLA matmul it replaces, at several tilings."""
+    from pallas_kernels import symmetric_mm as smm
+
+    interpret = jax.default_backend() != "gpu"
+    layers, dim = (3, 128) if args.small else (11, 768)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    b, c = jm.NS_PRESETS["polar_express"].coeffs[1][1:]
+    key = jax.random.key(0)
+    wide = jax.random.normal(key, (layers, dim, 4 * dim), f32).astype(bf16) / (2 * dim)
+    square = jax.random.normal(key, (layers - 1, dim, dim), f32).astype(bf16) / dim
+    gram = smm.xxt_reference(square)
+    mm = lambda u, v: jnp.matmul(u, v, preferred_element_type=f32)
+    t = lambda x: jnp.swapaxes(x, -1, -2)
+    cases = [
+        ("xxt", wide, lambda x: mm(x, t(x)).astype(bf16), smm.xxt),
+        ("xtx", t(wide), lambda x: mm(t(x), x).astype(bf16), smm.xtx),
+        ("xxt", square, lambda x: mm(x, t(x)).astype(bf16), smm.xxt),
+        ("ba_plus_caa", gram, lambda a: (b * a.astype(f32) + c * mm(a, a)).astype(bf16), None),
+    ]
+    tilings = [tuple(int(v) for v in spec.split("x")) for spec in args.tilings.split(",")]
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; bf16 in and out, fp32 sums")
+    print(f"{'kernel':12s} {'shape':18s} {'tiling m/k/warps/stages':24s} {'median ms':>10s} {'min ms':>8s}")
+    for name, x, xla_fn, kernel in cases:
+        shape = str(tuple(x.shape))
+        xla_jit = jax.jit(xla_fn)
+        med, best = time_calls(lambda f=xla_jit, x=x: jax.block_until_ready(f(x)), args.warmup, args.iters)
+        print(f"{name:12s} {shape:18s} {'xla':24s} {med:10.3f} {best:8.3f}")
+        for bm, bk, warps, stages in tilings:
+            bs = smm.BlockSizes(block_m=bm, block_k=bk, num_warps=warps, num_stages=stages)
+            if kernel is None:
+                fn = jax.jit(lambda a, bs=bs: smm.ba_plus_caa(a, b, c, block_sizes=bs, interpret=interpret))
+            else:
+                fn = jax.jit(lambda x, bs=bs, k=kernel: k(x, block_sizes=bs, interpret=interpret))
+            try:
+                med, best = time_calls(lambda f=fn, x=x: jax.block_until_ready(f(x)), args.warmup, args.iters)
+            except (jax.errors.JaxRuntimeError, ValueError) as e:  # a tiling Triton cannot compile
+                print(
+                    f"{name:12s} {shape:18s} {f'{bm}/{bk}/{warps}/{stages}':24s} failed: {type(e).__name__}"
+                )
+                continue
+            print(f"{name:12s} {shape:18s} {f'{bm}/{bk}/{warps}/{stages}':24s} {med:10.3f} {best:8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="2 layers at width 128, for CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per row")
+    parser.add_argument(
+        "--ns-impls", action="store_true", help="Polar Express: xla vs pallas, record #77 banks"
+    )
+    parser.add_argument("--ns-kernels", action="store_true", help="each symmetric kernel vs XLA, per tiling")
+    parser.add_argument(
+        "--tilings",
+        default="128x64x8x4,128x128x8x3,64x64x4x4,64x128x4x3,256x64x8x3",
+        help="--ns-kernels tilings: block_m x block_k x num_warps x num_stages, comma-separated",
+    )
+    parser.add_argument("--ns-impl-child", choices=("xla", "pallas"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     layers, dim, mm_n = (2, 128, 1024) if args.small else (12, 768, 8192)
-    iters = args.iters or (5 if args.small else 50)
-    warmup = 2 if args.small else 10
+    iters = args.iters = args.iters or (5 if args.small else 50)
+    warmup = args.warmup = 2 if args.small else 10
+    if args.ns_impl_child:
+        return ns_impl_rows(args.ns_impl_child, args.small, warmup, iters)
+    if args.ns_impls:
+        return ns_impls(args)
+    if args.ns_kernels:
+        return ns_kernels(args)
 
     params = hidden_params(jax.random.key(0), layers, dim)
     grads = jax.tree.map(lambda p: 1e-3 * jnp.cos(p * 997.0), params)
