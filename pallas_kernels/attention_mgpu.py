@@ -1,8 +1,11 @@
 """Hopper forward pass of causal flash attention in Mosaic GPU (`plgpu`): wgmma, TMA, warp roles.
 
 Same semantics and residuals as the forward in `attention.py` (causal, optional sliding window,
-log-sum-exp saved in base 2 with the scale applied), without document masks. Each CTA takes
-2·block_q consecutive queries of one (batch, head) and runs three warpgroups:
+documents given as contiguous runs of segment ids; log-sum-exp saved in base 2 with the scale
+applied). The masks reach the kernel as one int32 per query, the first key it sees
+(`visible_bounds`), and as a per-block table of key-block ranges computed by XLA beforehand
+(`key_block_ranges`): the blocks with any visible pair, and inside them those where all are.
+Each CTA takes 2·block_q consecutive queries of one (batch, head) and runs three warpgroups:
 
 - a producer streams the key and value blocks by TMA into a ring of `stages` SMEM slots;
 - two consumers each own block_q queries and share those K/V slots. A barrier pair makes them
@@ -12,7 +15,8 @@ log-sum-exp saved in base 2 with the scale applied), without document masks. Eac
 The producer loads the union of the key blocks the two consumers visit. Each consumer walks
 that union in order: masked and unmasked blocks of its own range are computed, the rest are
 passed over (their barriers still taken, so both consumers stay in step). Blocks outside the
-window or past the diagonal are never loaded.
+window, in earlier documents or past the diagonal are never loaded; the mask is applied only on
+blocks that straddle one of those edges. The backward is in `attention_mgpu_bwd.py`.
 
 References:
   Shah et al., FlashAttention-3: Fast and Accurate Attention with Asynchrony and Low-precision,

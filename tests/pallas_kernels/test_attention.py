@@ -1,4 +1,9 @@
-"""Tests for pallas_kernels.attention: the kernel against its f32 reference, forward and VJP."""
+"""Tests for pallas_kernels.attention: the kernels against their f32 reference, forward and VJP.
+
+bf16 runs the Mosaic GPU kernels (on CPU, in the Mosaic GPU simulator); `TRITON` tiles switch
+them off to test the portable Triton kernels (on CPU, the Pallas interpreter). Document-specific
+Mosaic cases are in test_attention_mgpu_docs.py.
+"""
 
 import dataclasses
 import zlib
@@ -27,6 +32,8 @@ VJP_TOL = {
 SMALL = attn.BlockSizes(
     block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32, num_warps=4
 )
+# The portable kernels, where bf16 would otherwise run the Mosaic GPU ones (simulator on CPU).
+TRITON = dataclasses.replace(SMALL, mosaic_forward=False, mosaic_backward=False)
 CASES = {
     "causal": {"t": 256, "window": None, "docs": None},
     "window": {"t": 256, "window": 72, "docs": None},
@@ -108,21 +115,26 @@ class AttentionTest:
 
     @pytest.mark.parametrize("name", list(CASES))
     def test_matches_reference(self, name):
+        # bf16: the Mosaic GPU forward and backward (the simulator under INTERPRET).
         self._check(name, **CASES[name])
 
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_triton_matches_reference(self, name):
+        self._check(f"{name}_triton", **CASES[name], block_sizes=TRITON)
+
     @pytest.mark.parametrize("name", ["causal", "window", "ragged_t"])
-    def test_triton_forward(self, name):
-        # Without documents the bf16 forward is the Mosaic kernel; this keeps the Triton one tested.
-        self._check(
-            f"{name}_triton", **CASES[name], block_sizes=dataclasses.replace(SMALL, mosaic_forward=False)
-        )
+    def test_mosaic_forward_triton_backward(self, name):
+        # Both backward paths read the same residuals: either forward can feed either backward.
+        tiles = dataclasses.replace(SMALL, mosaic_backward=False)
+        self._check(f"{name}_mixed", **CASES[name], block_sizes=tiles)
 
     def test_mosaic_ring_of_three(self):
-        # 64-key blocks through three SMEM slots: the ring wraps, and window edges fall mid-block.
-        tiles = dataclasses.replace(SMALL, block_k_mgpu=64, stages_mgpu=3)
+        # 64-key blocks through three SMEM slots: the rings wrap, and window edges fall mid-block.
+        tiles = dataclasses.replace(SMALL, block_k_mgpu=64, stages_mgpu=3, stages_bwd_mgpu=3)
         self._check("ring_of_three", t=512, window=150, docs=None, b=1, block_sizes=tiles)
 
     def test_float32(self):
+        # f32 has no Mosaic kernel: this is the Triton path whatever the switches say.
         self._check("float32", t=128, window=24, docs="random", h=1, dtype=jnp.float32)
 
     def test_single_block(self):
