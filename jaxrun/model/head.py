@@ -93,6 +93,19 @@ def token_losses(
     With `multi_token_weights` [n] (and training), position t scores Σ_k w_k·CE(z_t, target_{t+k})
     over the k with t + k inside the row.
     """
+    if mode.training and (fused := kernels.fp8_head_loss(cfg)) is not None:  # record #77's, fused
+        B, T, D = h_BTD.shape
+        weights = multi_token_weights if cfg.head.multi_token else None
+        losses_N = fused(
+            h_BTD.reshape(B * T, D),
+            head_weight(params, cfg),
+            targets_BT.reshape(-1),
+            jnp.ones((1,), jnp.float32) if weights is None else weights,
+            row_len=T,
+            scales=cfg.head.fp8,
+            cap_value=cfg.head.softcap_value,
+        )
+        return losses_N.reshape(B, T)
     if (fused := kernels.fused_loss(cfg)) is not None:
         B, T, D = h_BTD.shape
         w_DV = head_weight(params, cfg)
@@ -154,21 +167,48 @@ def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def fp8_input(x_ND: jax.Array, s: FP8HeadConfig) -> jax.Array:
+    """The head's input as e4m3 at its static scale."""
+    return _quantize(x_ND, s.x_scale, jnp.float8_e4m3fn)
+
+
+def fp8_operands(x_ND: jax.Array, w_DV: jax.Array, s: FP8HeadConfig) -> tuple[jax.Array, jax.Array]:
+    """e4m3 copies of the head's input and weight at their static scales (w cast to x's dtype first)."""
+    return fp8_input(x_ND, s), _quantize(w_DV.astype(x_ND.dtype), s.w_scale, jnp.float8_e4m3fn)
+
+
+def fp8_logits(x8_ND: jax.Array, w8_DV: jax.Array, s: FP8HeadConfig) -> jax.Array:
+    """The e4m3 GEMM, rescaled and rounded to bf16 [N, V]."""
+    return (_dot(x8_ND, w8_DV, (1, 0)) * (s.x_scale * s.w_scale)).astype(jnp.bfloat16)
+
+
+def quantize_grad(g_NV: jax.Array, s: FP8HeadConfig) -> jax.Array:
+    """The logits' gradient as e5m2, divided by its static scale."""
+    return _quantize(g_NV, s.grad_scale, jnp.float8_e5m2)
+
+
+def fp8_input_grad(g8_NV: jax.Array, w8_DV: jax.Array, s: FP8HeadConfig) -> jax.Array:
+    """dL/dx [N, D] in float32 (not yet rounded) from the e5m2 logit gradient."""
+    return _dot(g8_NV, w8_DV, (1, 1)) * (s.grad_scale * s.w_scale)
+
+
+def fp8_weight_grad(x8_ND: jax.Array, g8_NV: jax.Array, s: FP8HeadConfig) -> jax.Array:
+    """dL/dw [D, V] in float32 from e4m3 inputs and the e5m2 logit gradient."""
+    return _dot(x8_ND, g8_NV, (0, 0)) * (s.x_scale * s.grad_scale)
+
+
 def _fp8_forward(x_ND, w_DV, s: FP8HeadConfig):
-    x8 = _quantize(x_ND, s.x_scale, jnp.float8_e4m3fn)
-    w8 = _quantize(w_DV.astype(x_ND.dtype), s.w_scale, jnp.float8_e4m3fn)
-    out = (_dot(x8, w8, (1, 0)) * (s.x_scale * s.w_scale)).astype(jnp.bfloat16).astype(jnp.float32)
+    x8, w8 = fp8_operands(x_ND, w_DV, s)
+    out = fp8_logits(x8, w8, s).astype(jnp.float32)
     dtypes = (jnp.zeros((0,), x_ND.dtype), jnp.zeros((0,), w_DV.dtype))  # empty arrays carry the dtypes
     return out, (x8, w8, dtypes)
 
 
 def _fp8_backward(s: FP8HeadConfig, res, g_NV):
     x8, w8, (x_like, w_like) = res
-    x_dtype, w_dtype = x_like.dtype, w_like.dtype
-    g8 = _quantize(g_NV, s.grad_scale, jnp.float8_e5m2)
-    grad_x = (_dot(g8, w8, (1, 1)) * (s.grad_scale * s.w_scale)).astype(jnp.bfloat16).astype(x_dtype)
-    grad_w = _dot(x8, g8, (0, 0)) * (s.x_scale * s.grad_scale)
-    return grad_x, grad_w.astype(w_dtype)
+    g8 = quantize_grad(g_NV, s)
+    grad_x = fp8_input_grad(g8, w8, s).astype(jnp.bfloat16).astype(x_like.dtype)
+    return grad_x, fp8_weight_grad(x8, g8, s).astype(w_like.dtype)
 
 
 fp8_matmul.defvjp(_fp8_forward, _fp8_backward)

@@ -8,6 +8,7 @@ and in the interpreter elsewhere (CPU tests).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -135,5 +136,36 @@ _LOSS = {"xla_fused": head_loss.softcap_ce, "pallas": _softcap_ce_pallas}
 
 def fused_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
     """`fn(h [N, D], w [D, V], targets [N], b [V], *, cap, cap_value) -> losses [N]` when the head
-    and loss run fused; None for the plain autodiff path ("xla")."""
-    return _LOSS.get(cfg.kernels.loss)
+    and loss run fused; None for the plain autodiff path ("xla") and for the FP8 head (`fp8_head_loss`)."""
+    return None if cfg.head.fp8 is not None else _LOSS.get(cfg.kernels.loss)
+
+
+def _mtp_ce_pallas(logits_NV, targets_NK, weights_K, *, cap_value, grad_scale):
+    """Record #77's loss and e5m2 logit gradient in one Pallas kernel over the bf16 logits."""
+    from pallas_kernels.mtp_ce import mtp_ce
+
+    return mtp_ce(
+        logits_NV, targets_NK, weights_K, cap_value=cap_value, grad_scale=grad_scale, interpret=interpret()
+    )
+
+
+def _mtp_ce_xla(logits_NV, targets_NK, weights_K, *, cap_value, grad_scale):
+    from jaxrun.model.head_mtp_loss import mtp_ce_xla
+
+    return mtp_ce_xla(logits_NV, targets_NK, weights_K, cap_value=cap_value, grad_scale=grad_scale)
+
+
+# The pass over the FP8 head's bf16 logits that forms the loss and its e5m2 gradient together.
+_FP8_HEAD_CE = {"xla_fused": _mtp_ce_xla, "pallas": _mtp_ce_pallas}
+
+
+def fp8_head_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
+    """Record #77's training head (FP8 GEMM, sigmoid cap, multi-token CE) as one custom VJP:
+    `fn(h [N, D], w [D, V], targets [N], weights [K], *, row_len, scales, cap_value) -> losses [N]`;
+    None for the plain autodiff path ("xla") or a head without FP8."""
+    from jaxrun.model import head_mtp_loss  # it reads head.py's FP8 pieces; head.py imports this module
+
+    ce = _FP8_HEAD_CE.get(cfg.kernels.loss)
+    if ce is None or cfg.head.fp8 is None:
+        return None
+    return functools.partial(head_mtp_loss.fp8_mtp_loss, ce=ce)
