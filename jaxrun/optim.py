@@ -137,6 +137,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
             scaling=o.muon_scaling,
             normuon_b2=o.muon_normuon_b2,
             ns_dtype=jnp.dtype(o.muon_ns_dtype),
+            ns_impl=o.muon_ns_impl,
         )
     return optax.partition(transforms, param_labels)
 

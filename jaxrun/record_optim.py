@@ -315,6 +315,7 @@ def make_record_optimizer(
             eps=_NS_EPS,
             ns_dtype=ns_dtype,
             ns_round_first=True,
+            ns_impl=cfg.muon_ns_impl,
             shape_factor=False,
         ),
         _normuon_step(

@@ -150,7 +150,7 @@ def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
         f"model.kernels.{f}"
         for f in ("attention", "mlp", "loss")
         if getattr(cfg.model.kernels, f) == "pallas"
-    ]
+    ] + (["optim.muon_ns_impl"] if cfg.optim.muon_ns_impl == "pallas" else [])
     platform = mesh.devices.flat[0].platform
     if fields and platform != "gpu":
         raise ConfigError(
