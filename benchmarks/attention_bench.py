@@ -1,15 +1,21 @@
-"""Times causal attention at jaxrun's shapes: the Pallas kernel, cuDNN and plain XLA, fwd and fwd+bwd.
+"""Times causal attention at jaxrun's shapes: the Pallas kernels, cuDNN and plain XLA, fwd and fwd+bwd.
 
 Cases (q, k, v `[B, T, H, 128]` bf16, scale 0.12):
   1. B=24, T=2048, H=6, window 768      2. the same, window 1664      3. the same, plain causal
-  4. B=1, T=49,152, H=6, window 768, documents from the offline_english val shard (cut at 2048);
-     cuDNN has no document mask, so its row is window-only.
+  4. B=1, T=49,152, H=6, window 768, documents from the val shard (cut at 2048).
+  record: record #77's per-device attention, B=1, T = 16K, 32K and 48K tokens, windows 128, 384,
+     640, 768 and 1664, documents from the val shard (cut at 896 at 16K, the first stage's
+     max_seq_len, else 2048); each also "paired": 3 heads over the doubled sequence of 2T virtual
+     positions, every id twice, the same window in virtual positions (what the model's paired
+     layers hand the kernel). Pick some with e.g. `--cases r16K,r49K` or `--cases w768`.
+cuDNN has no document mask, so on document cases its row (and a `pallas (window only)` row) is
+window-only.
 
 Each time is the median over `--samples` samples of `--inner` back-to-back calls, after warm-up.
 TFLOP/s counts only visible (query, key) pairs: 4·K flops per pair forward, 14·K forward+backward.
 
-Without documents the Pallas forward is the Mosaic GPU kernel; `--impls pallas-triton` adds a
-row with the Triton forward in its place.
+`pallas` is what `flash_attention` runs: on Hopper the Mosaic GPU forward and backward.
+`--impls pallas-triton` adds a row with the portable Triton kernels throughout.
 
   python benchmarks/attention_bench.py --data .data/val_000000.bin.xz [--sweep] [--json out.json]
 """
@@ -32,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels import attention as kernels
+from pallas_kernels import attention_mgpu, attention_mgpu_bwd
 from pallas_kernels.attention import BlockSizes, flash_attention
 
 SCALE = 0.12
@@ -48,6 +55,24 @@ class Case:
     docs: bool = False
     h: int = 6
     d: int = 128
+    paired: bool = False  # t and h are the kernel's: 2x the tokens, half the heads
+    doc_cut: int = DOC_CUT
+
+    @property
+    def tokens(self) -> int:
+        return self.t // 2 if self.paired else self.t
+
+
+def _record_cases() -> tuple[Case, ...]:
+    cases = []
+    for tokens in (16384, 32768, 49152):
+        for window in (128, 384, 640, 768, 1664):
+            for paired in (False, True):
+                name = f"r{tokens // 1024}K w{window}" + (" paired" if paired else "")
+                t, h = (2 * tokens, 3) if paired else (tokens, 6)
+                cut = 896 if tokens == 16384 else DOC_CUT
+                cases.append(Case(name, 1, t, window, docs=True, h=h, paired=paired, doc_cut=cut))
+    return tuple(cases)
 
 
 CASES = (
@@ -55,6 +80,7 @@ CASES = (
     Case("2: B24 T2048 w1664", 24, 2048, 1664),
     Case("3: B24 T2048 causal", 24, 2048, None),
     Case("4: B1 T49152 w768 docs", 1, 49152, 768, docs=True),
+    *_record_cases(),
 )
 
 # Candidate tiles and launch settings for --sweep, timed kernel by kernel.
@@ -77,6 +103,14 @@ SWEEP = {
             (64, 3),
             (64, 4),
         ]
+    ],
+    "dq_mgpu": [
+        {"block_q_dq_mgpu": 64, "block_k_dq_mgpu": bk, "stages_bwd_mgpu": st}
+        for bk, st in [(64, 2), (64, 3), (64, 4), (128, 2)]
+    ],
+    "dkdv_mgpu": [
+        {"block_k_dkv_mgpu": 64, "block_q_dkv_mgpu": bq, "stages_bwd_mgpu": st}
+        for bq, st in [(64, 2), (64, 3), (128, 2)]
     ],
     "dkdv": [
         {"block_q_dkv": bq, "block_k_dkv": bk, "num_warps_dkv": w, "num_stages_dkv": st}
@@ -108,17 +142,44 @@ SWEEP = {
 SWEEP_CASES = (0, 2)  # cases 1 and 3
 
 
-def load_segment_ids(path: Path, t: int) -> np.ndarray:
-    """Document ids of the first t tokens of an llm.c shard; a new id at each BOS and every 2048."""
+@functools.lru_cache(maxsize=1)
+def _shard_tokens(path: Path) -> np.ndarray:
     raw = lzma.decompress(path.read_bytes())
     header = np.frombuffer(raw[:1024], np.int32)
-    tokens = np.frombuffer(raw[1024:], np.uint16, count=min(int(header[2]), t))
+    return np.frombuffer(raw[1024:], np.uint16, count=int(header[2]))
+
+
+def load_segment_ids(path: Path, t: int, cut: int = DOC_CUT) -> np.ndarray:
+    """Document ids of the first t tokens of an llm.c shard; a new id at each BOS and every `cut`."""
+    tokens = _shard_tokens(path)[:t]
     assert tokens.size == t, f"shard has {tokens.size} tokens, need {t}"
     pos = np.arange(t)
     doc_start = np.maximum.accumulate(np.where(tokens == BOS, pos, 0))
-    chunk = (pos - doc_start) // DOC_CUT
+    chunk = (pos - doc_start) // cut
     new = np.concatenate([[True], (doc_start[1:] != doc_start[:-1]) | (chunk[1:] != chunk[:-1])])
     return np.cumsum(new).astype(np.int32) - 1
+
+
+def case_segment_ids(path: Path, case: Case) -> np.ndarray:
+    """The case's `[T]` ids; on paired cases each token's id twice, as the model's paired layers pass them."""
+    seg = load_segment_ids(path, case.tokens, case.doc_cut)
+    return np.repeat(seg, 2) if case.paired else seg
+
+
+def select_cases(spec: str) -> list[Case]:
+    """Cases by number (1-4), 'record' (all record cases), or any text in their names."""
+    cases = []
+    for item in spec.split(","):
+        if item.isdigit():
+            found = [CASES[int(item) - 1]]
+        elif item == "record":
+            found = [c for c in CASES if c.name.startswith("r")]
+        else:
+            found = [c for c in CASES if item in c.name]
+        if not found:
+            raise SystemExit(f"no case matches {item!r}; cases: {[c.name for c in CASES]}")
+        cases += [c for c in found if c not in cases]
+    return cases
 
 
 def visible_pairs(t: int, window: int | None, seg: np.ndarray | None) -> int:
@@ -198,11 +259,9 @@ def run_case(case: Case, seg_np, impls, samples, inner, block_sizes) -> list[dic
             variants.append(("pallas", fn, seg))
             if seg is not None:
                 variants.append(("pallas (window only)", fn, None))
-        elif impl == "pallas-triton":  # the Triton forward where the Mosaic one would run
-            tiles = dataclasses.replace(block_sizes, mosaic_forward=False)
-            variants.append(
-                ("pallas, triton fwd", functools.partial(flash_attention, block_sizes=tiles), None)
-            )
+        elif impl == "pallas-triton":  # the portable Triton kernels where the Mosaic ones would run
+            tiles = dataclasses.replace(block_sizes, mosaic_forward=False, mosaic_backward=False)
+            variants.append(("pallas, triton", functools.partial(flash_attention, block_sizes=tiles), seg))
         elif impl == "cudnn":
             variants.append(("cudnn" + (" (window only)" if seg is not None else ""), cudnn_attention, None))
         elif impl == "xla" and case.t <= 8192:  # [B, H, T, T] f32 logits: 58 GB at T = 49,152
@@ -246,6 +305,7 @@ def compare(case: Case, results: dict) -> None:
         ("pallas", "cudnn"),
         ("pallas (window only)", "cudnn (window only)"),
         ("pallas", "xla"),
+        ("pallas", "pallas, triton"),
     ):
         if ours in results and theirs in results:
             errs = [
@@ -263,35 +323,48 @@ def compare(case: Case, results: dict) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _residuals(case: Case, seg_bytes: bytes | None):
-    """Inputs, segment ids, and the forward and delta residuals (default tiles) of one case."""
+    """Inputs, segment ids, the forward residuals (default tiles), delta and the mask bounds of one case."""
     q, k, v, do = inputs(case)
     seg = (
         None if seg_bytes is None else jnp.asarray(np.frombuffer(seg_bytes, np.int32).reshape(case.b, case.t))
     )
     fixed = {"window": case.window, "scale": SCALE, "bs": BlockSizes.get_default(), "interpret": False}
     o, lse = jax.jit(lambda q, k, v, s: kernels._forward(q, k, v, s, **fixed))(q, k, v, seg)
-    _, delta = jax.jit(lambda *a: kernels._dq_call(*a, **fixed))(q, k, v, o, do, lse, seg)
-    return q, k, v, do, seg, o, lse, delta
+    delta = jnp.einsum("bthk,bthk->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    bounds = attention_mgpu.visible_bounds(seg, case.b, case.t, case.window)
+    return q, k, v, do, seg, o, lse, delta, bounds
 
 
 def kernel_parts(case: Case, seg_np, block_sizes: BlockSizes, names=("fwd", "dq", "dkdv")) -> dict:
-    """The Pallas kernels one by one: name -> (jitted fn, args, flops per visible pair per K)."""
+    """The Pallas kernels one by one: name -> (jitted fn, args, flops per visible pair per K).
+
+    `*_mgpu` are the Mosaic GPU kernels, the others the Triton ones.
+    """
     seg_bytes = (
         None if seg_np is None else np.broadcast_to(seg_np, (case.b, case.t)).astype(np.int32).tobytes()
     )
-    q, k, v, do, seg, o, lse, delta = _residuals(case, seg_bytes)
+    q, k, v, do, seg, o, lse, delta, (first_key, last_query) = _residuals(case, seg_bytes)
     fixed = {"window": case.window, "scale": SCALE, "bs": block_sizes, "interpret": False}
-    triton = {**fixed, "bs": dataclasses.replace(block_sizes, mosaic_forward=False)}
+    triton = {**fixed, "bs": dataclasses.replace(block_sizes, mosaic_forward=False, mosaic_backward=False)}
+    bs, mosaic = block_sizes, {"scale": SCALE, "stages": block_sizes.stages_bwd_mgpu, "interpret": None}
+    dq_tiles = {"block_q": bs.block_q_dq_mgpu, "block_k": bs.block_k_dq_mgpu}
+    dkdv_tiles = {"block_q": bs.block_q_dkv_mgpu, "block_k": bs.block_k_dkv_mgpu}
     parts = {
-        "fwd_mgpu": (lambda: jax.jit(lambda q, k, v: kernels._forward(q, k, v, None, **fixed)), (q, k, v), 4),
-        "fwd": (
-            lambda: jax.jit(lambda q, k, v, s: kernels._forward(q, k, v, s, **triton)),
-            (q, k, v, seg),
-            4,
+        "fwd_mgpu": (lambda: jax.jit(lambda *a: kernels._forward(*a, **fixed)), (q, k, v, seg), 4),
+        "fwd": (lambda: jax.jit(lambda *a: kernels._forward(*a, **triton)), (q, k, v, seg), 4),
+        "dq_mgpu": (
+            lambda: jax.jit(lambda *a: attention_mgpu_bwd._dq(*a, **dq_tiles, **mosaic)),
+            (q, k, v, do, lse, delta, first_key),
+            6,
         ),
-        "dq": (lambda: jax.jit(lambda *a: kernels._dq_call(*a, **fixed)), (q, k, v, o, do, lse, seg), 6),
+        "dkdv_mgpu": (
+            lambda: jax.jit(lambda *a: attention_mgpu_bwd._dkdv(*a, **dkdv_tiles, **mosaic)),
+            (q, k, v, do, lse, delta, last_query),
+            8,
+        ),
+        "dq": (lambda: jax.jit(lambda *a: kernels._dq_call(*a, **triton)), (q, k, v, o, do, lse, seg), 6),
         "dkdv": (
-            lambda: jax.jit(lambda *a: kernels._dkdv_call(*a, **fixed)),
+            lambda: jax.jit(lambda *a: kernels._dkdv_call(*a, **triton)),
             (q, k, v, do, lse, delta, seg),
             8,
         ),
@@ -300,16 +373,18 @@ def kernel_parts(case: Case, seg_np, block_sizes: BlockSizes, names=("fwd", "dq"
 
 
 def breakdown(case: Case, seg_np, block_sizes: BlockSizes, samples: int, inner: int) -> list[dict]:
-    """Times the Pallas kernels one by one: forward (Mosaic and Triton), dq (with delta), dk/dv."""
+    """Times the Pallas kernels one by one: forward, dq and dk/dv, Mosaic GPU and Triton."""
     pairs = case.b * case.h * visible_pairs(case.t, case.window, seg_np)
     rows = []
-    names = ("fwd", "dq", "dkdv") if case.docs else ("fwd_mgpu", "fwd", "dq", "dkdv")
-    for name, (fn, args, flops) in kernel_parts(case, seg_np, block_sizes, names).items():
+    for name, (fn, args, flops) in kernel_parts(case, seg_np, block_sizes, BREAKDOWN_PARTS).items():
         ms = time_fn(fn, args, samples, inner)
         tflops = flops * case.d * pairs / ms / 1e9
-        print(f"breakdown {case.name:26s} {name:6s} {ms:7.3f} ms {tflops:6.1f} TF/s", flush=True)
+        print(f"breakdown {case.name:26s} {name:9s} {ms:7.3f} ms {tflops:6.1f} TF/s", flush=True)
         rows.append({"case": case.name, "part": name, "ms": ms, "tflops": tflops})
     return rows
+
+
+BREAKDOWN_PARTS = ("fwd_mgpu", "dq_mgpu", "dkdv_mgpu", "fwd", "dq", "dkdv")
 
 
 def sweep(parts, samples: int, inner: int) -> tuple[BlockSizes, list[dict]]:
@@ -341,7 +416,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=Path(".data/val_000000.bin.xz"))
-    parser.add_argument("--cases", default="1,2,3,4")
+    parser.add_argument(
+        "--cases",
+        default="1,2,3,4,record",
+        help="comma list: case numbers 1-4, 'record' for all record cases, or text in case names",
+    )
     parser.add_argument("--impls", default="pallas,cudnn,xla")
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--inner", type=int, default=5)
@@ -352,13 +431,13 @@ def main() -> None:
     args = parser.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
-    cases = [CASES[int(c) - 1] for c in args.cases.split(",")]
+    cases = select_cases(args.cases)
     block_sizes, sweep_rows = BlockSizes.get_default(), []
     if args.sweep:
         block_sizes, sweep_rows = sweep(args.sweep_parts.split(","), args.samples // 2, args.inner)
     rows, parts = [], []
     for case in cases:
-        seg_np = load_segment_ids(args.data, case.t) if case.docs else None
+        seg_np = case_segment_ids(args.data, case) if case.docs else None
         if seg_np is not None:
             print(
                 f"{case.name}: {seg_np[-1] + 1} documents, visible pairs {visible_pairs(case.t, case.window, seg_np)}"
