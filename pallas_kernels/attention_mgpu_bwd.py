@@ -59,25 +59,32 @@ def _iota(shape, dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _product(acc: jax.Array, lhs: jax.Array, rhs_smem, interpret) -> jax.Array:
-    """acc + lhs @ rhs for a register `lhs` and an SMEM `rhs`, f32 accumulation."""
-    if interpret is not None:  # the simulator has no `run_state`: the same product, by XLA
-        return acc + jnp.dot(lhs, rhs_smem[...], preferred_element_type=jnp.float32)
+def _accumulate(accs, lhs, rhs_smem, interpret) -> tuple[jax.Array, ...]:
+    """accs[i] + lhs[i] @ rhs_smem[i] for register `lhs` and SMEM `rhs`, issued back to back."""
+    if interpret is not None:  # the simulator has no `run_state`: the same products, by XLA
+        return tuple(
+            acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+            for acc, a, b in zip(accs, lhs, rhs_smem, strict=True)
+        )
 
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, lhs, rhs_smem)
+    def body(acc_refs):
+        for acc_ref, a, b in zip(acc_refs, lhs, rhs_smem, strict=True):
+            plgpu.wgmma(acc_ref, a, b)
 
-    return pl.run_state(body)(plgpu.ACC.init(acc))
+    return tuple(pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs)))
 
 
-def _scores(lhs_smem, rhs_smem_t, shape) -> jax.Array:
-    """lhs @ rhs_t, both SMEM tiles, into registers (f32)."""
+def _two_products(first, second, shape, between):
+    """Issues two SMEM × SMEM products, runs `between(first_result)` while the second is in
+    flight, and returns `(between(...), second_result)`. Each of `first`, `second` is (lhs, rhs)."""
 
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, lhs_smem, rhs_smem_t)
-        return acc_ref[...]
+    def body(first_ref, second_ref):
+        plgpu.wgmma(first_ref, *first)
+        plgpu.wgmma(second_ref, *second)
+        out = between(plgpu.wgmma_accumulator_load(first_ref, wait_n=1))
+        return out, second_ref[...]
 
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
 def _walk(ranges_ref, bi, tile, wg, stages, wait_loaded, freed, step, carry):
@@ -143,7 +150,7 @@ def _dkdv(q, k, v, do, lse, delta, last_query_BT, *, scale, block_q, block_k, st
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(240, action="increase")
+            plgpu.set_max_registers(232, action="increase")
             k_smem, v_smem, lq_smem = k_smem2.at[wg], v_smem2.at[wg], lq_smem2.at[wg]
             k_start = (_CONSUMERS * tile + wg) * block_k
             rows = (bi, pl.ds(k_start, block_k), hi)
@@ -162,33 +169,26 @@ def _dkdv(q, k, v, do, lse, delta, last_query_BT, *, scale, block_q, block_k, st
             def step(j, s_, carry, masked):
                 dk, dv = carry
                 plgpu.barrier_wait(q_loaded.at[s_])
-                st = _scores(k_smem, q_smem.at[s_].T, (block_k, block_q))
                 plgpu.barrier_wait(lse_loaded.at[s_])
-                lse = lax.broadcast_in_dim(plgpu.load(lse_smem.at[s_], layout=_COL), st.shape, [1])
-                if masked:
-                    key_pos, query_pos = _iota(st.shape, 0) + k_start, _iota(st.shape, 1) + j * block_q
-                    visible = (query_pos >= key_pos) & (query_pos <= last_query)
-                    pt = jnp.exp2(jnp.where(visible, st * c, _MASK) - lse)
-                else:
-                    pt = jnp.exp2(st * c - lse)
-                pt16 = pt.astype(dtype)
                 plgpu.barrier_wait(do_loaded.at[s_])
-                if interpret is None:
+                shape = (block_k, block_q)
+                lse = lax.broadcast_in_dim(plgpu.load(lse_smem.at[s_], layout=_COL), shape, [1])
 
-                    def products(refs):  # dV += Pᵀ·dO and dPᵀ = V·dOᵀ in flight together
-                        dv_ref, dpt_ref = refs
-                        plgpu.wgmma(dv_ref, pt16, do_smem.at[s_])
-                        plgpu.wgmma(dpt_ref, v_smem, do_smem.at[s_].T)
+                def probabilities(st):  # Pᵀ, while dPᵀ = V·dOᵀ runs
+                    if masked:
+                        key_pos, query_pos = _iota(shape, 0) + k_start, _iota(shape, 1) + j * block_q
+                        visible = (query_pos >= key_pos) & (query_pos <= last_query)
+                        return jnp.exp2(jnp.where(visible, st * c, _MASK) - lse)
+                    return jnp.exp2(st * c - lse)
 
-                    zeros = plgpu.layout_cast(jnp.zeros(st.shape, jnp.float32), plgpu.Layout.WGMMA)
-                    dv, dpt = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-                else:
-                    dv = _product(dv, pt16, do_smem.at[s_], interpret)
-                    dpt = _scores(v_smem, do_smem.at[s_].T, st.shape)
+                pt, dpt = _two_products(
+                    (k_smem, q_smem.at[s_].T), (v_smem, do_smem.at[s_].T), shape, probabilities
+                )
                 plgpu.barrier_wait(delta_loaded.at[s_])
-                delta = lax.broadcast_in_dim(plgpu.load(delta_smem.at[s_], layout=_COL), st.shape, [1])
+                delta = lax.broadcast_in_dim(plgpu.load(delta_smem.at[s_], layout=_COL), shape, [1])
                 dst16 = (pt * (dpt - delta)).astype(dtype)
-                dk = _product(dk, dst16, q_smem.at[s_], interpret)
+                lhs, rhs = (pt.astype(dtype), dst16), (do_smem.at[s_], q_smem.at[s_])
+                dv, dk = _accumulate((dv, dk), lhs, rhs, interpret)  # dV += Pᵀ·dO, dK += dSᵀ·Q
                 return dk, dv
 
             def wait_loaded(s_):
@@ -253,7 +253,7 @@ def _dq(q, k, v, do, lse, delta, first_key_BT, *, scale, block_q, block_k, stage
 
         @pl.when(wg < _CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(240, action="increase")
+            plgpu.set_max_registers(232, action="increase")
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
             q_start = (_CONSUMERS * tile + wg) * block_q
             rows, vec = (bi, pl.ds(q_start, block_q), hi), (bi, hi, pl.ds(q_start, block_q))
@@ -276,17 +276,20 @@ def _dq(q, k, v, do, lse, delta, first_key_BT, *, scale, block_q, block_k, stage
 
             def step(j, s_, dq, masked):
                 plgpu.barrier_wait(k_loaded.at[s_])
-                s = _scores(q_smem, k_smem.at[s_].T, shape)
-                if masked:
-                    query_pos, key_pos = _iota(shape, 0) + q_start, _iota(shape, 1) + j * block_k
-                    visible = (key_pos <= query_pos) & (key_pos >= first_key)
-                    p = jnp.exp2(jnp.where(visible, s * c, _MASK) - lse)
-                else:
-                    p = jnp.exp2(s * c - lse)
                 plgpu.barrier_wait(v_loaded.at[s_])
-                dp = _scores(do_smem, v_smem.at[s_].T, shape)
+
+                def probabilities(s):  # P, while dP = dO·Vᵀ runs
+                    if masked:
+                        query_pos, key_pos = _iota(shape, 0) + q_start, _iota(shape, 1) + j * block_k
+                        visible = (key_pos <= query_pos) & (key_pos >= first_key)
+                        return jnp.exp2(jnp.where(visible, s * c, _MASK) - lse)
+                    return jnp.exp2(s * c - lse)
+
+                p, dp = _two_products(
+                    (q_smem, k_smem.at[s_].T), (do_smem, v_smem.at[s_].T), shape, probabilities
+                )
                 ds16 = (p * (dp - delta)).astype(dtype)
-                return _product(dq, ds16, k_smem.at[s_], interpret)
+                return _accumulate((dq,), (ds16,), (k_smem.at[s_],), interpret)[0]
 
             def wait_loaded(s_):
                 plgpu.barrier_wait(k_loaded.at[s_])
