@@ -164,7 +164,7 @@ def _dkdv(q, k, v, do, lse, delta, last_query_BT, *, scale, block_q, block_k, st
                 plgpu.copy_gmem_to_smem(src, dst, own_loaded.at[_CONSUMERS * i + wg])
             for i in range(3):
                 plgpu.barrier_wait(own_loaded.at[_CONSUMERS * i + wg])
-            last_query = lax.broadcast_in_dim(plgpu.load(lq_smem, layout=_ROW), (block_k, block_q), [0])
+            last_query = plgpu.load(lq_smem, layout=_ROW)  # broadcast where used: registers are scarce
 
             def step(j, s_, carry, masked):
                 dk, dv = carry
@@ -172,12 +172,13 @@ def _dkdv(q, k, v, do, lse, delta, last_query_BT, *, scale, block_q, block_k, st
                 plgpu.barrier_wait(lse_loaded.at[s_])
                 plgpu.barrier_wait(do_loaded.at[s_])
                 shape = (block_k, block_q)
-                lse = lax.broadcast_in_dim(plgpu.load(lse_smem.at[s_], layout=_COL), shape, [1])
 
                 def probabilities(st):  # Pᵀ, while dPᵀ = V·dOᵀ runs
+                    lse = lax.broadcast_in_dim(plgpu.load(lse_smem.at[s_], layout=_COL), shape, [1])
                     if masked:
                         key_pos, query_pos = _iota(shape, 0) + k_start, _iota(shape, 1) + j * block_q
-                        visible = (query_pos >= key_pos) & (query_pos <= last_query)
+                        last = lax.broadcast_in_dim(last_query, shape, [0])
+                        visible = (query_pos >= key_pos) & (query_pos <= last)
                         return jnp.exp2(jnp.where(visible, st * c, _MASK) - lse)
                     return jnp.exp2(st * c - lse)
 
@@ -269,10 +270,13 @@ def _dq(q, k, v, do, lse, delta, first_key_BT, *, scale, block_q, block_k, stage
             for i in range(len(copies)):
                 plgpu.barrier_wait(own_loaded.at[_CONSUMERS * i + wg])
             shape = (block_q, block_k)
+            # one value per row, broadcast where used: registers are scarce
             lse, delta, first_key = (
-                lax.broadcast_in_dim(plgpu.load(ref.at[wg], layout=_ROW), shape, [0])
-                for ref in (lse_smem2, delta_smem2, fk_smem2)
+                plgpu.load(ref.at[wg], layout=_ROW) for ref in (lse_smem2, delta_smem2, fk_smem2)
             )
+
+            def per_row(x):
+                return lax.broadcast_in_dim(x, shape, [0])
 
             def step(j, s_, dq, masked):
                 plgpu.barrier_wait(k_loaded.at[s_])
@@ -281,14 +285,14 @@ def _dq(q, k, v, do, lse, delta, first_key_BT, *, scale, block_q, block_k, stage
                 def probabilities(s):  # P, while dP = dO·Vᵀ runs
                     if masked:
                         query_pos, key_pos = _iota(shape, 0) + q_start, _iota(shape, 1) + j * block_k
-                        visible = (key_pos <= query_pos) & (key_pos >= first_key)
-                        return jnp.exp2(jnp.where(visible, s * c, _MASK) - lse)
-                    return jnp.exp2(s * c - lse)
+                        visible = (key_pos <= query_pos) & (key_pos >= per_row(first_key))
+                        return jnp.exp2(jnp.where(visible, s * c, _MASK) - per_row(lse))
+                    return jnp.exp2(s * c - per_row(lse))
 
                 p, dp = _two_products(
                     (q_smem, k_smem.at[s_].T), (do_smem, v_smem.at[s_].T), shape, probabilities
                 )
-                ds16 = (p * (dp - delta)).astype(dtype)
+                ds16 = (p * (dp - per_row(delta))).astype(dtype)
                 return _accumulate((dq,), (ds16,), (k_smem.at[s_],), interpret)[0]
 
             def wait_loaded(s_):
