@@ -189,6 +189,23 @@ class TestMosaicDocsGpu(MosaicDocsTest):
             _assert_close(f"record: {g_name}", g, g_ref, VJP_TOL[jnp.bfloat16])
 
 
+@pytest.mark.parametrize("window", [None, 256])
+def test_gpu_path_lowers_for_hopper(window):
+    """The compiled path (wgmma from registers under `run_state`, which the simulator replaces by
+    XLA products) lowers to Mosaic GPU for CUDA, shared memory within bounds, without a GPU."""
+    b, t, h = 1, 1024, 2
+    x = jax.ShapeDtypeStruct((b, t, h, HEAD_DIM), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def fwd_bwd(q, k, v, do, seg):
+        o, lse = attention_mgpu.forward(q, k, v, segment_ids=seg, window=window, scale=SCALE)
+        return attention_mgpu_bwd.backward(q, k, v, o, lse, do, segment_ids=seg, window=window, scale=SCALE)
+
+    text = jax.jit(fwd_bwd).trace(x, x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text()
+    for name in ("flash_attention_fwd_mgpu", "flash_attention_dq_mgpu", "flash_attention_dkdv_mgpu"):
+        assert name in text, name
+
+
 def _visible_np(first_key: np.ndarray) -> np.ndarray:
     pos = np.arange(first_key.size)
     return (pos[None, :] <= pos[:, None]) & (pos[None, :] >= first_key[:, None])
