@@ -228,3 +228,22 @@ def test_kernel_switch_rejects_what_cannot_fuse():
         )
     with pytest.raises(ConfigError, match=r"model.kernels.loss='pallas' .*softcap='tanh'"):
         ModelConfig(head=HeadConfig(softcap="tanh", fp8=SCALES), kernels=KernelConfig(loss="pallas"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_terms", [1, 3])
+def test_compiled_kernel_at_the_records_vocabulary(n_terms):
+    """The Pallas kernel compiled (Triton) at V = 50304 against autodiff."""
+    n, v = 1024, 50304
+    logits = (4.0 * jax.random.normal(jax.random.key(51), (n, v))).astype(jnp.bfloat16)
+    t = jax.random.randint(jax.random.key(52), (n,), 0, v)
+    targets_NK = head_mtp_loss.shifted_targets(jnp.where(t % 8 == 0, -1, t), 256, n_terms)
+    weights = jnp.array(WEIGHTS[n_terms])
+    kw = {"cap_value": 23.0, "grad_scale": SCALES.grad_scale}
+    losses, ce, g8 = mtp_ce_kernel.mtp_ce(logits, targets_NK, weights, **kw)
+    losses_ref, ce_ref, g8_ref = jax.jit(lambda *a: head_mtp_loss.mtp_ce_reference(*a, **kw))(
+        logits, targets_NK, weights
+    )
+    np.testing.assert_allclose(losses, losses_ref, **LOSS_TOL)
+    np.testing.assert_allclose(ce, ce_ref, **LOSS_TOL)
+    _assert_e5m2_close(g8, g8_ref)

@@ -114,6 +114,18 @@ class _Static:
     cap_value: float
     ce: CEFn
     row_block: int | None
+    varying: tuple[frozenset, ...]  # the shard_map axes h, w and the weights vary over
+
+
+def _varying(x: jax.Array) -> frozenset:
+    return jax.typeof(x).manual_axis_type.varying
+
+
+def _sum_to(ct: jax.Array, varying: frozenset) -> jax.Array:
+    """A cotangent summed over the shard_map axes its input is invariant over (the transpose of
+    the broadcast that made it varying): replicated multi-token weights inside the train step."""
+    extra = tuple(sorted(_varying(ct) - varying))
+    return jax.lax.psum(ct, extra) if extra else ct
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -152,7 +164,9 @@ def _backward(st: _Static, res, g_N):
     xg8_ND = head.fp8_input(h_ND * (g_N / g_max).astype(h_ND.dtype)[:, None], s)
     dw_DV = head.fp8_weight_grad(xg8_ND, g8_NV, s) * g_max
     dweights_K = jnp.sum(ce_NK * g_N[:, None], axis=0)
-    return dh_ND, dw_DV.astype(w_like.dtype), None, dweights_K
+    grads = (dh_ND, dw_DV.astype(w_like.dtype), dweights_K)
+    dh_ND, dw_DV, dweights_K = (_sum_to(ct, v) for ct, v in zip(grads, st.varying))
+    return dh_ND, dw_DV, None, dweights_K
 
 
 _fp8_mtp_ce.defvjp(_forward, _backward)
@@ -185,10 +199,11 @@ def fp8_mtp_loss(
 
     Differentiable in `h`, `w` and `weights`.
     """
-    if row_block is not None and h_ND.shape[0] % row_block:
-        raise ValueError(f"row_block={row_block} must divide the {h_ND.shape[0]} tokens")
+    n = h_ND.shape[0]
+    if row_block is not None and row_block < n and n % row_block:
+        raise ValueError(f"row_block={row_block} must divide the {n} tokens")
     targets_NK = shifted_targets(targets_N, row_len, weights_K.shape[0])
-    st = _Static(scales, float(cap_value), ce, row_block)
+    st = _Static(scales, float(cap_value), ce, row_block, tuple(map(_varying, (h_ND, w_DV, weights_K))))
     return _fp8_mtp_ce(h_ND, w_DV, targets_NK, weights_K.astype(_F32), st)
 
 
