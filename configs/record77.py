@@ -75,7 +75,7 @@ def get_config() -> Config:
                 fp8=FP8HeadConfig(),
                 multi_token=(((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)), ((1.0, 0.5), (1.0, 0.0)), ((1.0,), (1.0,))),
             ),
-            kernels=KernelConfig(attention="auto"),
+            kernels=KernelConfig(attention="auto", loss="xla_fused"),  # FP8 head + loss as one custom VJP
         ),
         optim=OptimConfig(
             kind="normuon_adam",

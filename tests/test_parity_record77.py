@@ -128,6 +128,8 @@ def switched(m: ModelConfig, on: frozenset[str]) -> ModelConfig:
             backout="saved_activation" in on,
         ),
         head=r(h, fp8=h.fp8 if "fp8_head" in on else None, multi_token=h.multi_token if "mtp" in on else ()),
+        # the fused loss is the FP8 head's; without it the head runs on the plain path
+        kernels=r(m.kernels, loss=m.kernels.loss if "fp8_head" in on else "xla"),
     )
 
 
