@@ -14,8 +14,10 @@ window-only.
 Each time is the median over `--samples` samples of `--inner` back-to-back calls, after warm-up.
 TFLOP/s counts only visible (query, key) pairs: 4·K flops per pair forward, 14·K forward+backward.
 
-`pallas` is what `flash_attention` runs: on Hopper the Mosaic GPU forward and backward.
-`--impls pallas-triton` adds a row with the portable Triton kernels throughout.
+`pallas` is what `flash_attention` runs by default: on Hopper the Mosaic GPU forward without
+documents, the Triton kernels otherwise. `--impls pallas-mosaic` adds a row with every Mosaic GPU
+kernel on (the forward with documents and the backward are opt-in until timed), `pallas-triton`
+one with the portable Triton kernels throughout.
 
   python benchmarks/attention_bench.py --data .data/val_000000.bin.xz [--sweep] [--json out.json]
 """
@@ -259,6 +261,9 @@ def run_case(case: Case, seg_np, impls, samples, inner, block_sizes) -> list[dic
             variants.append(("pallas", fn, seg))
             if seg is not None:
                 variants.append(("pallas (window only)", fn, None))
+        elif impl == "pallas-mosaic":  # every Mosaic GPU kernel, the opt-in ones too
+            tiles = dataclasses.replace(block_sizes, mosaic_documents=True, mosaic_backward=True)
+            variants.append(("pallas, mosaic", functools.partial(flash_attention, block_sizes=tiles), seg))
         elif impl == "pallas-triton":  # the portable Triton kernels where the Mosaic ones would run
             tiles = dataclasses.replace(block_sizes, mosaic_forward=False, mosaic_backward=False)
             variants.append(("pallas, triton", functools.partial(flash_attention, block_sizes=tiles), seg))
@@ -306,6 +311,7 @@ def compare(case: Case, results: dict) -> None:
         ("pallas (window only)", "cudnn (window only)"),
         ("pallas", "xla"),
         ("pallas", "pallas, triton"),
+        ("pallas, mosaic", "pallas, triton"),
     ):
         if ours in results and theirs in results:
             errs = [
@@ -344,7 +350,8 @@ def kernel_parts(case: Case, seg_np, block_sizes: BlockSizes, names=("fwd", "dq"
         None if seg_np is None else np.broadcast_to(seg_np, (case.b, case.t)).astype(np.int32).tobytes()
     )
     q, k, v, do, seg, o, lse, delta, (first_key, last_query) = _residuals(case, seg_bytes)
-    fixed = {"window": case.window, "scale": SCALE, "bs": block_sizes, "interpret": False}
+    every_mosaic = dataclasses.replace(block_sizes, mosaic_documents=True, mosaic_backward=True)
+    fixed = {"window": case.window, "scale": SCALE, "bs": every_mosaic, "interpret": False}
     triton = {**fixed, "bs": dataclasses.replace(block_sizes, mosaic_forward=False, mosaic_backward=False)}
     bs, mosaic = block_sizes, {"scale": SCALE, "stages": block_sizes.stages_bwd_mgpu, "interpret": None}
     dq_tiles = {"block_q": bs.block_q_dq_mgpu, "block_k": bs.block_k_dq_mgpu}

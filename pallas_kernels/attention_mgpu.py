@@ -100,6 +100,17 @@ def query_block_ranges(last_query_BT: jax.Array, rows: int, cols: int) -> jax.Ar
     )
 
 
+def read_bound(ref, *index) -> jax.Array:
+    """A block index read from `ref` to bound a loop.
+
+    Inside shard_map the kernel's refs carry the mesh's manual axes in their type, but the kernel is
+    traced without them, so arithmetic on a read drops them: a loop counter that started from the
+    raw read would change type after one `+ 1`. One such operation here gives every bound the type
+    its counter will have.
+    """
+    return ref[index] + 0
+
+
 def ring(first, last, stages: int, load, freed) -> None:
     """Producer side of a ring of `stages` SMEM slots: `load(j, slot)` for blocks first..last-1.
 
@@ -161,8 +172,8 @@ def forward(
         bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
         tile = num_tiles - 1 - lax.axis_index("q_tiles")  # heaviest causal tiles first
         cta_q = tile * (_CONSUMERS * block_q)
-        first = ranges_ref[bi, _CONSUMERS * tile, 0]
-        last = ranges_ref[bi, _CONSUMERS * tile + _CONSUMERS - 1, 3]
+        first = read_bound(ranges_ref, bi, _CONSUMERS * tile, 0)
+        last = read_bound(ranges_ref, bi, _CONSUMERS * tile + _CONSUMERS - 1, 3)
         wg = lax.axis_index("wg")
 
         def slot(j):
@@ -177,7 +188,9 @@ def forward(
             plgpu.set_max_registers(232, action="increase")
             q_smem, lse_smem, fk_smem = q_smem2.at[wg], lse_smem2.at[wg], fk_smem2.at[wg]
             q_start = cta_q + wg * block_q
-            lo, full_lo, full_hi, hi_blk = (ranges_ref[bi, _CONSUMERS * tile + wg, i] for i in range(4))
+            lo, full_lo, full_hi, hi_blk = (
+                read_bound(ranges_ref, bi, _CONSUMERS * tile + wg, i) for i in range(4)
+            )
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_start, block_q), hi], q_smem, q_loaded.at[wg])
             plgpu.copy_gmem_to_smem(fk_ref.at[bi, pl.ds(q_start, block_q)], fk_smem, fk_loaded.at[wg])
             plgpu.barrier_wait(q_loaded.at[wg])

@@ -45,6 +45,7 @@ from pallas_kernels.attention_mgpu import (
     _TRANSFORMS,
     key_block_ranges,
     query_block_ranges,
+    read_bound,
     ring,
     visible_bounds,
 )
@@ -94,8 +95,8 @@ def _walk(ranges_ref, bi, tile, wg, stages, wait_loaded, freed, step, carry):
     and the producer stay in step through the ring.
     """
     row = _CONSUMERS * tile
-    first, last = ranges_ref[bi, row, 0], ranges_ref[bi, row + _CONSUMERS - 1, 3]
-    lo, full_lo, full_hi, hi = (ranges_ref[bi, row + wg, i] for i in range(4))
+    first, last = read_bound(ranges_ref, bi, row, 0), read_bound(ranges_ref, bi, row + _CONSUMERS - 1, 3)
+    lo, full_lo, full_hi, hi = (read_bound(ranges_ref, bi, row + wg, i) for i in range(4))
 
     def slot(j):
         return lax.rem(j - first, jnp.int32(stages))
@@ -217,7 +218,10 @@ def _dkdv(q, k, v, do, lse, delta, last_query_BT, *, scale, block_q, block_k, st
                 plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[s_], do_loaded.at[s_])
                 plgpu.copy_gmem_to_smem(delta_ref.at[cols], delta_smem.at[s_], delta_loaded.at[s_])
 
-            first, last = ranges_ref[bi, row, 0], ranges_ref[bi, row + _CONSUMERS - 1, 3]
+            first, last = (
+                read_bound(ranges_ref, bi, row, 0),
+                read_bound(ranges_ref, bi, row + _CONSUMERS - 1, 3),
+            )
             ring(first, last, stages, load, (freed,))
 
     scratch = (
@@ -316,7 +320,10 @@ def _dq(q, k, v, do, lse, delta, first_key_BT, *, scale, block_q, block_k, stage
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[s_], k_loaded.at[s_])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[s_], v_loaded.at[s_])
 
-            first, last = ranges_ref[bi, row, 0], ranges_ref[bi, row + _CONSUMERS - 1, 3]
+            first, last = (
+                read_bound(ranges_ref, bi, row, 0),
+                read_bound(ranges_ref, bi, row + _CONSUMERS - 1, 3),
+            )
             ring(first, last, stages, load, (freed,))
 
     scratch = (

@@ -29,8 +29,17 @@ VJP_TOL = {
 }
 # Small, unequal tiles, so T = 256 spans several blocks of each kernel, each with skipped,
 # masked and unmasked blocks.
+# Every Mosaic GPU kernel on, where the defaults keep some opt-in.
 SMALL = attn.BlockSizes(
-    block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32, num_warps=4
+    block_q=64,
+    block_k=32,
+    block_q_dkv=32,
+    block_k_dkv=64,
+    block_q_dq=64,
+    block_k_dq=32,
+    num_warps=4,
+    mosaic_documents=True,
+    mosaic_backward=True,
 )
 # The portable kernels, where bf16 would otherwise run the Mosaic GPU ones (simulator on CPU).
 TRITON = dataclasses.replace(SMALL, mosaic_forward=False, mosaic_backward=False)

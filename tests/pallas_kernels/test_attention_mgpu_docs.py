@@ -30,6 +30,8 @@ from tests.pallas_kernels.test_attention import (
 
 FWD_TOL = {**FWD_TOL, jnp.float16: FWD_TOL[jnp.bfloat16]}
 VJP_TOL = {**VJP_TOL, jnp.float16: VJP_TOL[jnp.bfloat16]}
+# flash_attention with the opt-in Mosaic kernels (document forward and backward) on
+MOSAIC = attn.BlockSizes(mosaic_documents=True, mosaic_backward=True)
 
 
 def _ids(lengths, t: int) -> np.ndarray:
@@ -133,7 +135,7 @@ class MosaicDocsTest:
         b, t, h, window = 2, 200, 2, 56
         q, k, v, do = _inputs("ragged", b, t, h, jnp.bfloat16)
         seg = jnp.asarray(np.stack([_ids([70, 1, 2, 90], t), _ids([199], t)]), jnp.int32)
-        tiles = dataclasses.replace(attn.BlockSizes(), block_k_mgpu=64)
+        tiles = dataclasses.replace(MOSAIC, block_k_mgpu=64)
         if not self.INTERPRET:
             _poison_allocator((b, 256, h, HEAD_DIM), (b, h, 256))
 
@@ -180,7 +182,9 @@ class TestMosaicDocsGpu(MosaicDocsTest):
         _poison_allocator((1, t, h, HEAD_DIM), (1, h, t))
 
         def kernel(q, k, v):
-            return attn.flash_attention(q, k, v, segment_ids=seg, window=window, scale=SCALE)
+            return attn.flash_attention(
+                q, k, v, segment_ids=seg, window=window, scale=SCALE, block_sizes=MOSAIC
+            )
 
         out, vjp = jax.vjp(kernel, q, k, v)
         ref, grads_ref = _reference_vjp(q, k, v, do, seg, window)
@@ -204,6 +208,29 @@ def test_gpu_path_lowers_for_hopper(window):
     text = jax.jit(fwd_bwd).trace(x, x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text()
     for name in ("flash_attention_fwd_mgpu", "flash_attention_dq_mgpu", "flash_attention_dkdv_mgpu"):
         assert name in text, name
+
+
+def test_gpu_path_lowers_inside_shard_map():
+    """Inside shard_map the kernels' refs carry the mesh's manual axes: the loops bounded by block
+    indices read from them must still trace (the record's step runs attention there)."""
+    mesh = jax.make_mesh((jax.device_count(),), ("dp",))
+    b, t, h = jax.device_count(), 512, 2
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("dp"))
+    x = jax.ShapeDtypeStruct((b, t, h, HEAD_DIM), jnp.bfloat16, sharding=batch)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch)
+
+    def fwd_bwd(q, k, v, do, seg):
+        o, lse = attention_mgpu.forward(q, k, v, segment_ids=seg, window=128, scale=SCALE)
+        return attention_mgpu_bwd.backward(q, k, v, o, lse, do, segment_ids=seg, window=128, scale=SCALE)
+
+    step = jax.shard_map(
+        fwd_bwd,
+        mesh=mesh,
+        in_specs=jax.sharding.PartitionSpec("dp"),
+        out_specs=jax.sharding.PartitionSpec("dp"),
+    )
+    text = jax.jit(step).trace(x, x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert "flash_attention_dkdv_mgpu" in text
 
 
 def _visible_np(first_key: np.ndarray) -> np.ndarray:
