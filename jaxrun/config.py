@@ -4,7 +4,8 @@ A run is `Config(model=..., optim=..., data=..., mesh=..., train=...)`. Every
 node is a frozen, keyword-only dataclass, so a config is hashable and a jitted
 step can close over it. `__post_init__` only validates; derived values are
 properties. `apply_overrides` turns `--set optim.muon_lr=0.03` strings into
-`dataclasses.replace` calls, with errors that name the bad key or value.
+`dataclasses.replace` calls, with errors that name the bad key or value. The
+model's nodes live in `jaxrun.model_config` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,333 +20,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from jaxrun.config_checks import ConfigError, check, check_choice
+from jaxrun.model_config import (
+    AttentionConfig,
+    BigramConfig,
+    EmbedConfig,
+    FP8HeadConfig,
+    HeadConfig,
+    KernelConfig,
+    MLPConfig,
+    ModelConfig,
+    ResidualConfig,
+    RopeConfig,
+    SkipConfig,
+    SmearConfig,
+    ValueEmbedConfig,
+    WindowConfig,
+)
 
-class ConfigError(ValueError):
-    """A config value, override or combination that cannot run; the message names it."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _check_choice(node: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    _check(value in choices, f"{node}.{name}={value!r} is not one of {choices}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The model's components. Each sub-config belongs to the module of jaxrun/model/ named in its
-# docstring, which owns its params, forward and optimizer rows; the config tree itself imports no
-# JAX, so the PyTorch twins read it too. A sub-config set to None is a technique switched off.
-
-
-@dataclass(frozen=True, kw_only=True)
-class RopeConfig:
-    """Rotary positions (jaxrun/model/attention.py), truncated to a share of each head's dims.
-
-    `pairing="halves"` rotates dim j with dim j + K/2 (train_gpt_simple.py); "interleaved" rotates
-    adjacent dims 2j, 2j+1 and leaves the second half of each head still (record #77). `yarn` rescales
-    the frequencies and the attention scale at every long-window change (YaRN, record #77).
-    """
-
-    base: float = 1024.0
-    fraction: float = 0.5  # share of each head's dims that rotate
-    pairing: Literal["halves", "interleaved"] = "halves"
-    yarn: bool = False
-    table_dtype: Literal["float32", "bfloat16"] = "float32"  # record #77 stores cos/sin in bf16
-
-
-@dataclass(frozen=True, kw_only=True)
-class WindowConfig:
-    """Sliding windows (jaxrun/model/attention.py), in blocks of `block` tokens.
-
-    Query i sees keys i - w .. i with w = blocks × block. `long_layers` use the long window, every
-    other attention layer the short one. `stages` holds (short, long) per training stage (the
-    stages of `jaxrun.schedule`; the last also covers later ones); `final_eval` is the pair the
-    last validation uses, None for the last stage's (record #77 stretches the long one to 20).
-    """
-
-    block: int = 128
-    stages: tuple[tuple[int, int], ...] = ((1, 3), (3, 7), (5, 11), (6, 13))
-    final_eval: tuple[int, int] | None = (6, 20)
-    long_layers: tuple[int, ...] = (3, 10)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttentionConfig:
-    """Causal self-attention (jaxrun/model/attention.py) and its per-layer variants."""
-
-    qk_norm: bool = True
-    scale: float | None = 0.12  # None: 1/sqrt(head_dim); with YaRN, the scale before any window change
-    rope: RopeConfig | None = RopeConfig()  # None: no rotary (learned positions)
-    skip_layers: tuple[int, ...] = ()  # layers with an MLP but no attention
-    paired_layers: tuple[int, ...] = ()  # head pairs attend over a doubled sequence (record #77)
-    windows: WindowConfig | None = None  # None: full causal attention
-    key_offset: bool = False  # long-window layers shift the keys' still half back one token
-    gate: bool = False  # per-head sigmoid output gate read from the first 12 dims of the input
-
-
-@dataclass(frozen=True, kw_only=True)
-class ValueEmbedConfig:
-    """Value embeddings (jaxrun/model/embeddings.py): one token table per listed layer, added to v
-    through a per-head gate (record #77: layers 1, 2, 8, 9, 10)."""
-
-    layers: tuple[int, ...] = (1, 2, 8, 9, 10)
-
-
-@dataclass(frozen=True, kw_only=True)
-class BigramConfig:
-    """Bigram hash embedding (jaxrun/model/embeddings.py): a table row per hashed (previous, current)
-    token pair, `rows_per_vocab` × vocab rows, the last one reserved for each row's first position."""
-
-    rows_per_vocab: int = 5
-
-
-@dataclass(frozen=True, kw_only=True)
-class SmearConfig:
-    """Smear (jaxrun/model/embeddings.py): each token embedding adds a gated share of the previous one."""
-
-    gate_width: int = 12  # dims of the current embedding the gate reads
-
-
-@dataclass(frozen=True, kw_only=True)
-class EmbedConfig:
-    """The input side (jaxrun/model/embeddings.py)."""
-
-    learned_positions: bool = False  # a [max_seq_len, D] table (GPT-2)
-    norm: bool = True  # normalize the embedding before block 0
-    value: ValueEmbedConfig | None = None
-    bigram: BigramConfig | None = None
-    smear: SmearConfig | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class MLPConfig:
-    """The MLP (jaxrun/model/mlp.py)."""
-
-    activation: Literal["gelu", "relu2"] = "relu2"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SkipConfig:
-    """A gated skip (jaxrun/model/residual.py): the residual after `source` is added at `target`,
-    a layer without attention, scaled by σ(λ)·2σ(w · x0[:12]) (record #77: 3 → 6)."""
-
-    source: int = 3
-    target: int = 6
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResidualConfig:
-    """The residual stream (jaxrun/model/residual.py).
-
-    `lambdas`: learned residual and branch scales per sublayer, and per-layer injections of x0 (and
-    of the bigram embedding). `saved_layer`: the residual after this layer is the attention input
-    of every later layer. `backout`: subtract a learned share of it before the head.
-    """
-
-    lambdas: bool = False
-    skip: SkipConfig | None = None
-    saved_layer: int | None = None
-    backout: bool = False
-
-
-@dataclass(frozen=True, kw_only=True)
-class FP8HeadConfig:
-    """The head's matmul in FP8 while training (jaxrun/model/head.py): e4m3 inputs and weights,
-    e5m2 gradients, static scales (record #77's)."""
-
-    x_scale: float = 100 / 448
-    w_scale: float = 1.6 / 448
-    grad_scale: float = 0.75 / 448
-
-
-@dataclass(frozen=True, kw_only=True)
-class HeadConfig:
-    """The output side (jaxrun/model/head.py).
-
-    `tie`: "always" reads the token embedding from the head's weight (GPT-2); "until_split" does so
-    until the schedule unties them (record #77); "never" keeps two tables. `softcap`: "isru"
-    c·z/√(z²+c²), "tanh" c·tanh(z/c), "sigmoid" c·σ((z+5)/7.5). `multi_token`: the loss also
-    predicts the next tokens, with weights from the schedule.
-    """
-
-    tie: Literal["never", "always", "until_split"] = "never"
-    untie_stage: int = 2  # "until_split": untie after the first step of this stage, made odd
-    softcap: Literal["none", "tanh", "isru", "sigmoid"] = "isru"
-    softcap_value: float = 15.0
-    fp8: FP8HeadConfig | None = None
-    # Per stage, the weights of targets t, t+1, … at the stage's start and end (linear between);
-    # empty: next token only. record #77: [1, .5, .25→0], [1, .5→0], [1].
-    multi_token: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class KernelConfig:
-    """Which implementation runs each kernel (jaxrun/model/kernels.py); the model never branches on it."""
-
-    # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
-    attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
-    mlp: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
-    # "xla_fused": head + softcap ('isru', 'tanh') + CE as one custom VJP in XLA, no f32 [N, V];
-    # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
-    # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
-    loss: Literal["xla", "xla_fused", "pallas"] = "xla"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """The GPT: global shapes and numerics, then one sub-config per component."""
-
-    vocab_size: int = 50304  # 50257 padded to a multiple of 128
-    num_layers: int = 12
-    model_dim: int = 768
-    head_dim: int = 128
-    mlp_ratio: int = 4
-    max_seq_len: int = 1024  # size of the learned position table
-    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
-    norm_gains: bool = True
-    linear_biases: bool = True
-    init: Literal["gpt2", "speedrun", "record"] = "speedrun"
-    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them (faster steps on GPU)
-    embed: EmbedConfig = EmbedConfig()
-    attn: AttentionConfig = AttentionConfig()
-    mlp: MLPConfig = MLPConfig()
-    residual: ResidualConfig = ResidualConfig()
-    head: HeadConfig = HeadConfig()
-    kernels: KernelConfig = KernelConfig()
-
-    def __post_init__(self):
-        node = "model"
-        _check_choice(node, "norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice(node, "init", self.init, ("gpt2", "speedrun", "record"))
-        _check_choice(node, "compute_dtype", self.compute_dtype, ("float32", "bfloat16"))
-        _check_choice(node + ".mlp", "activation", self.mlp.activation, ("gelu", "relu2"))
-        _check_choice(node + ".head", "tie", self.head.tie, ("never", "always", "until_split"))
-        _check_choice(node + ".head", "softcap", self.head.softcap, ("none", "tanh", "isru", "sigmoid"))
-        _check_choice(
-            node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas")
-        )
-        _check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
-        _check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
-        for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
-            _check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
-        _check(
-            self.model_dim % self.head_dim == 0,
-            f"model.model_dim={self.model_dim} is not a multiple of model.head_dim={self.head_dim}",
-        )
-        _check(
-            self.head.softcap_value > 0,
-            f"model.head.softcap_value={self.head.softcap_value} must be positive",
-        )
-        _check(
-            self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
-            f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
-        )
-        caps = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}[self.kernels.loss]
-        record_head = self.head.fp8 is not None and self.head.softcap == "sigmoid"  # head_mtp_loss
-        _check(
-            caps is None or record_head or (self.head.softcap in caps and not self._record_head),
-            f"model.kernels.loss={self.kernels.loss!r} supports softcap {' or '.join(map(repr, caps or ()))} "
-            "without FP8 or multi-token loss, or the FP8 head with softcap 'sigmoid' (model.head.fp8 set, "
-            f"multi-token or not), not model.head={self.head}",
-        )
-        self._check_rope()
-        self._check_layers()
-
-    @property
-    def _record_head(self) -> bool:
-        return self.head.fp8 is not None or bool(self.head.multi_token)
-
-    def _check_rope(self) -> None:
-        rope = self.attn.rope
-        if rope is None:
-            _check(
-                self.embed.learned_positions,
-                "model.attn.rope=None needs model.embed.learned_positions=True: the model has no positions",
-            )
-            return
-        _check_choice("model.attn.rope", "pairing", rope.pairing, ("halves", "interleaved"))
-        rotated = self.head_dim * rope.fraction
-        _check(
-            0 < rope.fraction <= 1 and rotated % 2 == 0 and rotated == int(rotated),
-            f"model.attn.rope.fraction={rope.fraction} must rotate an even number of the "
-            f"{self.head_dim} head dims",
-        )
-        _check(
-            not rope.yarn or self.attn.windows is not None,
-            "model.attn.rope.yarn=True rescales at long-window changes: set model.attn.windows",
-        )
-
-    def _check_layers(self) -> None:
-        """Per-layer techniques name real layers and combine (the layer plan relies on it)."""
-        L, a, e, r = self.num_layers, self.attn, self.embed, self.residual
-        layer_fields = {
-            "model.attn.skip_layers": a.skip_layers,
-            "model.attn.paired_layers": a.paired_layers,
-            "model.embed.value.layers": e.value.layers if e.value else (),
-            "model.attn.windows.long_layers": a.windows.long_layers if a.windows else (),
-        }
-        for name, layers in layer_fields.items():
-            _check(all(0 <= i < L for i in layers), f"{name}={layers} names layers outside 0..{L - 1}")
-        for name in (
-            "model.attn.paired_layers",
-            "model.embed.value.layers",
-            "model.attn.windows.long_layers",
-        ):
-            clash = sorted(set(layer_fields[name]) & set(a.skip_layers))
-            _check(not clash, f"{name} lists {clash}, which model.attn.skip_layers leaves without attention")
-        _check(
-            not a.paired_layers or self.num_heads % 2 == 0,
-            f"model.attn.paired_layers needs an even head count, not {self.num_heads}",
-        )
-        _check(
-            not a.paired_layers
-            or not set(a.paired_layers) & set(layer_fields["model.attn.windows.long_layers"]),
-            "model.attn.paired_layers and model.attn.windows.long_layers overlap: key offset and YaRN differ there",
-        )
-        _check(
-            not a.key_offset or a.windows is not None, "model.attn.key_offset=True needs model.attn.windows"
-        )
-        if r.skip is not None:
-            _check(
-                r.skip.target in a.skip_layers and 0 <= r.skip.source < r.skip.target,
-                f"model.residual.skip={r.skip} must come from an earlier layer into one of "
-                f"model.attn.skip_layers={a.skip_layers}",
-            )
-        _check(
-            r.saved_layer is None or 0 <= r.saved_layer < L - 1,
-            f"model.residual.saved_layer={r.saved_layer} must be a layer before the last",
-        )
-        _check(
-            not r.backout or r.saved_layer is not None,
-            "model.residual.backout=True needs model.residual.saved_layer",
-        )
-        width = 12  # the gates read the first 12 dims
-        gated = a.gate or r.skip is not None or e.value is not None or e.smear is not None
-        _check(
-            not gated or self.model_dim >= width,
-            f"model.model_dim={self.model_dim} < the gates' {width} inputs",
-        )
-        uniform = not (a.skip_layers or a.paired_layers or a.windows or e.value or r != ResidualConfig())
-        _check(
-            uniform or not self.scan_layers,
-            "model.scan_layers=True needs identical layers; this model's layers differ (skip, paired, "
-            "windowed, value-embedding layers or per-layer lambdas): set model.scan_layers=False",
-        )
-
-    @property
-    def num_heads(self) -> int:
-        return self.model_dim // self.head_dim
-
-    @property
-    def mlp_dim(self) -> int:
-        return self.mlp_ratio * self.model_dim
-
-    @property
-    def num_attn_layers(self) -> int:
-        return self.num_layers - len(self.attn.skip_layers)
+# The tree's public names, the model's part (jaxrun/model_config.py) included.
+__all__ = [
+    "AttentionConfig",
+    "BigramConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EmbedConfig",
+    "FP8HeadConfig",
+    "HeadConfig",
+    "KernelConfig",
+    "MLPConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ResidualConfig",
+    "RopeConfig",
+    "SkipConfig",
+    "SmearConfig",
+    "TrainConfig",
+    "ValueEmbedConfig",
+    "WindowConfig",
+    "apply_overrides",
+    "config_changes",
+    "config_from_dict",
+    "saved_config",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -402,30 +121,30 @@ class OptimConfig:
 
     def __post_init__(self):
         node = "optim"
-        _check_choice(node, "kind", self.kind, ("adamw", "muon_adam", "normuon_adam"))
-        _check_choice(node, "muon_ns", self.muon_ns, ("simple", "quintic", "polar_express"))
-        _check_choice(node, "muon_scaling", self.muon_scaling, ("shape", "normuon"))
-        _check_choice(node, "muon_ns_dtype", self.muon_ns_dtype, ("bfloat16", "float32"))
-        _check_choice(node, "muon_ns_impl", self.muon_ns_impl, ("xla", "pallas"))
-        _check_choice(node, "muon_weight_decay_mode", self.muon_weight_decay_mode, ("decoupled", "cautious"))
-        _check_choice(node, "cooldown_shape", self.cooldown_shape, ("linear", "cosine"))
-        _check_choice(node, "loss_reduction", self.loss_reduction, ("sum", "mean", "rank_mean"))
-        _check(0 <= self.cooldown_frac <= 1, f"optim.cooldown_frac={self.cooldown_frac} not in [0, 1]")
-        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        check_choice(node, "kind", self.kind, ("adamw", "muon_adam", "normuon_adam"))
+        check_choice(node, "muon_ns", self.muon_ns, ("simple", "quintic", "polar_express"))
+        check_choice(node, "muon_scaling", self.muon_scaling, ("shape", "normuon"))
+        check_choice(node, "muon_ns_dtype", self.muon_ns_dtype, ("bfloat16", "float32"))
+        check_choice(node, "muon_ns_impl", self.muon_ns_impl, ("xla", "pallas"))
+        check_choice(node, "muon_weight_decay_mode", self.muon_weight_decay_mode, ("decoupled", "cautious"))
+        check_choice(node, "cooldown_shape", self.cooldown_shape, ("linear", "cosine"))
+        check_choice(node, "loss_reduction", self.loss_reduction, ("sum", "mean", "rank_mean"))
+        check(0 <= self.cooldown_frac <= 1, f"optim.cooldown_frac={self.cooldown_frac} not in [0, 1]")
+        check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         for name in ("embed_lr", "head_lr", "scalar_lr", "hidden_lr", "muon_lr"):
-            _check(getattr(self, name) >= 0, f"optim.{name}={getattr(self, name)} must be >= 0")
+            check(getattr(self, name) >= 0, f"optim.{name}={getattr(self, name)} must be >= 0")
         for name in ("adam_b1", "adam_b2", "muon_momentum"):
-            _check(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} not in [0, 1)")
-        _check(
+            check(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} not in [0, 1)")
+        check(
             self.grad_clip_norm is None or self.grad_clip_norm > 0,
             f"optim.grad_clip_norm={self.grad_clip_norm} must be positive or None",
         )
-        _check(0 <= self.muon_normuon_b2 < 1, f"optim.muon_normuon_b2={self.muon_normuon_b2} not in [0, 1)")
-        _check(self.adam_lr >= 0, f"optim.adam_lr={self.adam_lr} must be >= 0")
-        _check(self.adam_every >= 1, f"optim.adam_every={self.adam_every} must be >= 1")
+        check(0 <= self.muon_normuon_b2 < 1, f"optim.muon_normuon_b2={self.muon_normuon_b2} not in [0, 1)")
+        check(self.adam_lr >= 0, f"optim.adam_lr={self.adam_lr} must be >= 0")
+        check(self.adam_every >= 1, f"optim.adam_every={self.adam_every} must be >= 1")
         for name in ("muon_momentum_cooldown_steps", "extension_steps"):
-            _check(getattr(self, name) >= 0, f"optim.{name}={getattr(self, name)} must be >= 0")
-        _check(
+            check(getattr(self, name) >= 0, f"optim.{name}={getattr(self, name)} must be >= 0")
+        check(
             all(m > 0 for m in self.lr_stage_muls),
             f"optim.lr_stage_muls={self.lr_stage_muls} must all be positive",
         )
@@ -461,26 +180,26 @@ class DataConfig:
     prefetch: int = 2  # batches prepared ahead in a background thread
 
     def __post_init__(self):
-        _check_choice("data", "source", self.source, ("shards", "sotu"))
-        _check_choice("data", "mode", self.mode, ("contiguous", "documents", "record"))
+        check_choice("data", "source", self.source, ("shards", "sotu"))
+        check_choice("data", "mode", self.mode, ("contiguous", "documents", "record"))
         for name in ("seq_len", "batch_seqs", "val_tokens", "val_batch_seqs", "ranks"):
-            _check(getattr(self, name) > 0, f"data.{name}={getattr(self, name)} must be positive")
-        _check(
+            check(getattr(self, name) > 0, f"data.{name}={getattr(self, name)} must be positive")
+        check(
             self.val_seq_len is None or self.val_seq_len > 0,
             f"data.val_seq_len={self.val_seq_len} must be positive or None",
         )
-        _check(
+        check(
             self.max_doc_len is None or self.max_doc_len > 0,
             f"data.max_doc_len={self.max_doc_len} must be positive or None",
         )
-        _check(
+        check(
             _valid_stages(self.stages),
             f"data.stages={self.stages} must be (step, batch_seqs, seq_len, max_doc_len) rows of ints "
             "(max_doc_len may be None) with positive sizes and increasing steps > 0",
         )
         if self.mode == "record":
             for batch_seqs in (self.batch_seqs, *(stage[1] for stage in self.stages)):
-                _check(
+                check(
                     batch_seqs % self.ranks == 0,
                     f"data.mode='record' plans data.ranks={self.ranks} buffers at a time, "
                     f"but a stage has batch_seqs={batch_seqs}",
@@ -516,7 +235,7 @@ class MeshConfig:
     shard_optimizer: bool = True  # ZeRO-1: each device updates and stores only the params it owns
 
     def __post_init__(self):
-        _check(
+        check(
             self.num_devices is None or self.num_devices > 0,
             f"mesh.num_devices={self.num_devices} must be positive or None",
         )
@@ -547,13 +266,13 @@ class TrainConfig:
     wandb: bool = False  # also log to wandb, offline (`wandb sync` uploads), if wandb is installed
 
     def __post_init__(self):
-        _check(self.steps > 0, f"train.steps={self.steps} must be positive")
-        _check(self.ckpt_every >= 0, f"train.ckpt_every={self.ckpt_every} must be >= 0 (0: none)")
-        _check(self.ckpt_keep > 0, f"train.ckpt_keep={self.ckpt_keep} must be positive")
-        _check(self.micro_batch_seqs > 0, f"train.micro_batch_seqs={self.micro_batch_seqs} must be positive")
-        _check(self.val_every >= 0, f"train.val_every={self.val_every} must be >= 0 (0: only at the end)")
-        _check(self.val_every_late >= 0, f"train.val_every_late={self.val_every_late} must be >= 0 (0: off)")
-        _check(self.sample_tokens >= 0, f"train.sample_tokens={self.sample_tokens} must be >= 0")
+        check(self.steps > 0, f"train.steps={self.steps} must be positive")
+        check(self.ckpt_every >= 0, f"train.ckpt_every={self.ckpt_every} must be >= 0 (0: none)")
+        check(self.ckpt_keep > 0, f"train.ckpt_keep={self.ckpt_keep} must be positive")
+        check(self.micro_batch_seqs > 0, f"train.micro_batch_seqs={self.micro_batch_seqs} must be positive")
+        check(self.val_every >= 0, f"train.val_every={self.val_every} must be >= 0 (0: only at the end)")
+        check(self.val_every_late >= 0, f"train.val_every_late={self.val_every_late} must be >= 0 (0: off)")
+        check(self.sample_tokens >= 0, f"train.sample_tokens={self.sample_tokens} must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -567,12 +286,12 @@ class Config:
 
     def __post_init__(self):
         self._check_stages()
-        _check(
+        check(
             self.data.mode == "contiguous" or self.model.kernels.attention != "cudnn",
             "data.mode='documents' needs a document mask: model.kernels.attention 'xla' or 'pallas', not 'cudnn'",
         )
         if self.model.embed.learned_positions:
-            _check(
+            check(
                 self.data.seq_len <= self.model.max_seq_len,
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
             )
@@ -581,7 +300,7 @@ class Config:
         """Stage-wise lr multipliers split the scheduled steps evenly, as record #77 rounds them:
         the data stages must switch at the same steps (and fit in the run)."""
         o, d = self.optim, self.data
-        _check(
+        check(
             o.extension_steps < self.train.steps,
             f"optim.extension_steps={o.extension_steps} leaves no scheduled steps of train.steps={self.train.steps}",
         )
@@ -590,7 +309,7 @@ class Config:
         scheduled = self.train.steps - o.extension_steps
         fractions = itertools.accumulate([1 / len(o.lr_stage_muls)] * (len(o.lr_stage_muls) - 1))
         starts = tuple(round(c * scheduled) for c in fractions)
-        _check(
+        check(
             tuple(stage[0] for stage in d.stages) == starts,
             f"data.stages switch at steps {tuple(stage[0] for stage in d.stages)}, but optim.lr_stage_muls "
             f"splits the {scheduled} scheduled steps (train.steps - optim.extension_steps) at {starts}: "

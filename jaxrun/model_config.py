@@ -1,0 +1,323 @@
+"""The model's part of the config tree: `ModelConfig` and its components' sub-configs.
+
+Each sub-config belongs to the module of jaxrun/model/ named in its docstring, which owns its
+params, forward and optimizer rows. Like the rest of the tree this imports no JAX, so the PyTorch
+twins read it too. A sub-config set to None is a technique switched off. `jaxrun.config` holds the
+whole tree and re-exports these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from jaxrun.config_checks import check, check_choice
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary positions (jaxrun/model/attention.py), truncated to a share of each head's dims.
+
+    `pairing="halves"` rotates dim j with dim j + K/2 (train_gpt_simple.py); "interleaved" rotates
+    adjacent dims 2j, 2j+1 and leaves the second half of each head still (record #77). `yarn` rescales
+    the frequencies and the attention scale at every long-window change (YaRN, record #77).
+    """
+
+    base: float = 1024.0
+    fraction: float = 0.5  # share of each head's dims that rotate
+    pairing: Literal["halves", "interleaved"] = "halves"
+    yarn: bool = False
+    table_dtype: Literal["float32", "bfloat16"] = "float32"  # record #77 stores cos/sin in bf16
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowConfig:
+    """Sliding windows (jaxrun/model/attention.py), in blocks of `block` tokens.
+
+    Query i sees keys i - w .. i with w = blocks × block. `long_layers` use the long window, every
+    other attention layer the short one. `stages` holds (short, long) per training stage (the
+    stages of `jaxrun.schedule`; the last also covers later ones); `final_eval` is the pair the
+    last validation uses, None for the last stage's (record #77 stretches the long one to 20).
+    """
+
+    block: int = 128
+    stages: tuple[tuple[int, int], ...] = ((1, 3), (3, 7), (5, 11), (6, 13))
+    final_eval: tuple[int, int] | None = (6, 20)
+    long_layers: tuple[int, ...] = (3, 10)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """Causal self-attention (jaxrun/model/attention.py) and its per-layer variants."""
+
+    qk_norm: bool = True
+    scale: float | None = 0.12  # None: 1/sqrt(head_dim); with YaRN, the scale before any window change
+    rope: RopeConfig | None = RopeConfig()  # None: no rotary (learned positions)
+    skip_layers: tuple[int, ...] = ()  # layers with an MLP but no attention
+    paired_layers: tuple[int, ...] = ()  # head pairs attend over a doubled sequence (record #77)
+    windows: WindowConfig | None = None  # None: full causal attention
+    key_offset: bool = False  # long-window layers shift the keys' still half back one token
+    gate: bool = False  # per-head sigmoid output gate read from the first 12 dims of the input
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValueEmbedConfig:
+    """Value embeddings (jaxrun/model/embeddings.py): one token table per listed layer, added to v
+    through a per-head gate (record #77: layers 1, 2, 8, 9, 10)."""
+
+    layers: tuple[int, ...] = (1, 2, 8, 9, 10)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BigramConfig:
+    """Bigram hash embedding (jaxrun/model/embeddings.py): a table row per hashed (previous, current)
+    token pair, `rows_per_vocab` × vocab rows, the last one reserved for each row's first position."""
+
+    rows_per_vocab: int = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmearConfig:
+    """Smear (jaxrun/model/embeddings.py): each token embedding adds a gated share of the previous one."""
+
+    gate_width: int = 12  # dims of the current embedding the gate reads
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """The input side (jaxrun/model/embeddings.py)."""
+
+    learned_positions: bool = False  # a [max_seq_len, D] table (GPT-2)
+    norm: bool = True  # normalize the embedding before block 0
+    value: ValueEmbedConfig | None = None
+    bigram: BigramConfig | None = None
+    smear: SmearConfig | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPConfig:
+    """The MLP (jaxrun/model/mlp.py)."""
+
+    activation: Literal["gelu", "relu2"] = "relu2"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkipConfig:
+    """A gated skip (jaxrun/model/residual.py): the residual after `source` is added at `target`,
+    a layer without attention, scaled by σ(λ)·2σ(w · x0[:12]) (record #77: 3 → 6)."""
+
+    source: int = 3
+    target: int = 6
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResidualConfig:
+    """The residual stream (jaxrun/model/residual.py).
+
+    `lambdas`: learned residual and branch scales per sublayer, and per-layer injections of x0 (and
+    of the bigram embedding). `saved_layer`: the residual after this layer is the attention input
+    of every later layer. `backout`: subtract a learned share of it before the head.
+    """
+
+    lambdas: bool = False
+    skip: SkipConfig | None = None
+    saved_layer: int | None = None
+    backout: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP8HeadConfig:
+    """The head's matmul in FP8 while training (jaxrun/model/head.py): e4m3 inputs and weights,
+    e5m2 gradients, static scales (record #77's)."""
+
+    x_scale: float = 100 / 448
+    w_scale: float = 1.6 / 448
+    grad_scale: float = 0.75 / 448
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """The output side (jaxrun/model/head.py).
+
+    `tie`: "always" reads the token embedding from the head's weight (GPT-2); "until_split" does so
+    until the schedule unties them (record #77); "never" keeps two tables. `softcap`: "isru"
+    c·z/√(z²+c²), "tanh" c·tanh(z/c), "sigmoid" c·σ((z+5)/7.5). `multi_token`: the loss also
+    predicts the next tokens, with weights from the schedule.
+    """
+
+    tie: Literal["never", "always", "until_split"] = "never"
+    untie_stage: int = 2  # "until_split": untie after the first step of this stage, made odd
+    softcap: Literal["none", "tanh", "isru", "sigmoid"] = "isru"
+    softcap_value: float = 15.0
+    fp8: FP8HeadConfig | None = None
+    # Per stage, the weights of targets t, t+1, … at the stage's start and end (linear between);
+    # empty: next token only. record #77: [1, .5, .25→0], [1, .5→0], [1].
+    multi_token: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Which implementation runs each kernel (jaxrun/model/kernels.py); the model never branches on it."""
+
+    # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
+    attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
+    mlp: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
+    # "xla_fused": head + softcap ('isru', 'tanh') + CE as one custom VJP in XLA, no f32 [N, V];
+    # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
+    # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
+    loss: Literal["xla", "xla_fused", "pallas"] = "xla"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The GPT: global shapes and numerics, then one sub-config per component."""
+
+    vocab_size: int = 50304  # 50257 padded to a multiple of 128
+    num_layers: int = 12
+    model_dim: int = 768
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    max_seq_len: int = 1024  # size of the learned position table
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_gains: bool = True
+    linear_biases: bool = True
+    init: Literal["gpt2", "speedrun", "record"] = "speedrun"
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them (faster steps on GPU)
+    embed: EmbedConfig = EmbedConfig()
+    attn: AttentionConfig = AttentionConfig()
+    mlp: MLPConfig = MLPConfig()
+    residual: ResidualConfig = ResidualConfig()
+    head: HeadConfig = HeadConfig()
+    kernels: KernelConfig = KernelConfig()
+
+    def __post_init__(self):
+        node = "model"
+        check_choice(node, "norm", self.norm, ("layernorm", "rmsnorm"))
+        check_choice(node, "init", self.init, ("gpt2", "speedrun", "record"))
+        check_choice(node, "compute_dtype", self.compute_dtype, ("float32", "bfloat16"))
+        check_choice(node + ".mlp", "activation", self.mlp.activation, ("gelu", "relu2"))
+        check_choice(node + ".head", "tie", self.head.tie, ("never", "always", "until_split"))
+        check_choice(node + ".head", "softcap", self.head.softcap, ("none", "tanh", "isru", "sigmoid"))
+        check_choice(
+            node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas")
+        )
+        check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
+        check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
+        for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
+            check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        check(
+            self.model_dim % self.head_dim == 0,
+            f"model.model_dim={self.model_dim} is not a multiple of model.head_dim={self.head_dim}",
+        )
+        check(
+            self.head.softcap_value > 0,
+            f"model.head.softcap_value={self.head.softcap_value} must be positive",
+        )
+        check(
+            self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
+            f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
+        )
+        caps = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}[self.kernels.loss]
+        record_head = self.head.fp8 is not None and self.head.softcap == "sigmoid"  # head_mtp_loss
+        check(
+            caps is None or record_head or (self.head.softcap in caps and not self._record_head),
+            f"model.kernels.loss={self.kernels.loss!r} supports softcap {' or '.join(map(repr, caps or ()))} "
+            "without FP8 or multi-token loss, or the FP8 head with softcap 'sigmoid' (model.head.fp8 set, "
+            f"multi-token or not), not model.head={self.head}",
+        )
+        self._check_rope()
+        self._check_layers()
+
+    @property
+    def _record_head(self) -> bool:
+        return self.head.fp8 is not None or bool(self.head.multi_token)
+
+    def _check_rope(self) -> None:
+        rope = self.attn.rope
+        if rope is None:
+            check(
+                self.embed.learned_positions,
+                "model.attn.rope=None needs model.embed.learned_positions=True: the model has no positions",
+            )
+            return
+        check_choice("model.attn.rope", "pairing", rope.pairing, ("halves", "interleaved"))
+        rotated = self.head_dim * rope.fraction
+        check(
+            0 < rope.fraction <= 1 and rotated % 2 == 0 and rotated == int(rotated),
+            f"model.attn.rope.fraction={rope.fraction} must rotate an even number of the "
+            f"{self.head_dim} head dims",
+        )
+        check(
+            not rope.yarn or self.attn.windows is not None,
+            "model.attn.rope.yarn=True rescales at long-window changes: set model.attn.windows",
+        )
+
+    def _check_layers(self) -> None:
+        """Per-layer techniques name real layers and combine (the layer plan relies on it)."""
+        L, a, e, r = self.num_layers, self.attn, self.embed, self.residual
+        layer_fields = {
+            "model.attn.skip_layers": a.skip_layers,
+            "model.attn.paired_layers": a.paired_layers,
+            "model.embed.value.layers": e.value.layers if e.value else (),
+            "model.attn.windows.long_layers": a.windows.long_layers if a.windows else (),
+        }
+        for name, layers in layer_fields.items():
+            check(all(0 <= i < L for i in layers), f"{name}={layers} names layers outside 0..{L - 1}")
+        for name in (
+            "model.attn.paired_layers",
+            "model.embed.value.layers",
+            "model.attn.windows.long_layers",
+        ):
+            clash = sorted(set(layer_fields[name]) & set(a.skip_layers))
+            check(not clash, f"{name} lists {clash}, which model.attn.skip_layers leaves without attention")
+        check(
+            not a.paired_layers or self.num_heads % 2 == 0,
+            f"model.attn.paired_layers needs an even head count, not {self.num_heads}",
+        )
+        check(
+            not a.paired_layers
+            or not set(a.paired_layers) & set(layer_fields["model.attn.windows.long_layers"]),
+            "model.attn.paired_layers and model.attn.windows.long_layers overlap: key offset and YaRN differ there",
+        )
+        check(
+            not a.key_offset or a.windows is not None, "model.attn.key_offset=True needs model.attn.windows"
+        )
+        if r.skip is not None:
+            check(
+                r.skip.target in a.skip_layers and 0 <= r.skip.source < r.skip.target,
+                f"model.residual.skip={r.skip} must come from an earlier layer into one of "
+                f"model.attn.skip_layers={a.skip_layers}",
+            )
+        check(
+            r.saved_layer is None or 0 <= r.saved_layer < L - 1,
+            f"model.residual.saved_layer={r.saved_layer} must be a layer before the last",
+        )
+        check(
+            not r.backout or r.saved_layer is not None,
+            "model.residual.backout=True needs model.residual.saved_layer",
+        )
+        width = 12  # the gates read the first 12 dims
+        gated = a.gate or r.skip is not None or e.value is not None or e.smear is not None
+        check(
+            not gated or self.model_dim >= width,
+            f"model.model_dim={self.model_dim} < the gates' {width} inputs",
+        )
+        uniform = not (a.skip_layers or a.paired_layers or a.windows or e.value or r != ResidualConfig())
+        check(
+            uniform or not self.scan_layers,
+            "model.scan_layers=True needs identical layers; this model's layers differ (skip, paired, "
+            "windowed, value-embedding layers or per-layer lambdas): set model.scan_layers=False",
+        )
+
+    @property
+    def num_heads(self) -> int:
+        return self.model_dim // self.head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.mlp_ratio * self.model_dim
+
+    @property
+    def num_attn_layers(self) -> int:
+        return self.num_layers - len(self.attn.skip_layers)
