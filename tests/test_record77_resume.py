@@ -43,7 +43,7 @@ def straight(tmp_path_factory):
         cfg,
         model=dataclasses.replace(cfg.model, model_dim=32),
         train=dataclasses.replace(
-            cfg.train, out_dir=str(tmp / "runs"), ckpt_every=CKPT_EVERY, ckpt_keep=10, val_every=5
+            cfg.train, out_dir=str(tmp / "runs"), ckpt_every=CKPT_EVERY, ckpt_keep=10, val_every=0
         ),
     )
     jax.config.update("jax_compilation_cache_dir", str(tmp / "xla_cache"))  # the resumes reuse it
