@@ -162,9 +162,19 @@ def _quantize(x: jax.Array, scale: float, dtype) -> jax.Array:
     return (x / scale).astype(dtype)
 
 
-def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
+# How the FP8 GEMMs accumulate. On a GPU, XLA runs an FP8 dot at DEFAULT precision as a cuBLASLt GEMM
+# in fast-accumulation mode (the tensor cores' partial sums are not promoted to float32 as they go), at
+# HIGHEST with the promotion. Record #77 runs its forward with `use_fast_accum=True` and both backward
+# GEMMs with False. The weight gradient sums over all tokens of a rank (16K-49K), and Adam's first update
+# moves each head entry by ±lr by its gradient's sign, so imprecise sums there change the update. The
+# CPU computes these dots exactly at either precision.
+FORWARD_PRECISION = jax.lax.Precision.DEFAULT
+BACKWARD_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def _dot(a, b, contract: tuple[int, int], precision: jax.lax.Precision) -> jax.Array:
     dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def fp8_input(x_ND: jax.Array, s: FP8HeadConfig) -> jax.Array:
@@ -178,8 +188,8 @@ def fp8_operands(x_ND: jax.Array, w_DV: jax.Array, s: FP8HeadConfig) -> tuple[ja
 
 
 def fp8_logits(x8_ND: jax.Array, w8_DV: jax.Array, s: FP8HeadConfig) -> jax.Array:
-    """The e4m3 GEMM, rescaled and rounded to bf16 [N, V]."""
-    return (_dot(x8_ND, w8_DV, (1, 0)) * (s.x_scale * s.w_scale)).astype(jnp.bfloat16)
+    """The e4m3 GEMM (fast accumulation, as the record's forward), rescaled and rounded to bf16 [N, V]."""
+    return (_dot(x8_ND, w8_DV, (1, 0), FORWARD_PRECISION) * (s.x_scale * s.w_scale)).astype(jnp.bfloat16)
 
 
 def quantize_grad(g_NV: jax.Array, s: FP8HeadConfig) -> jax.Array:
@@ -188,13 +198,13 @@ def quantize_grad(g_NV: jax.Array, s: FP8HeadConfig) -> jax.Array:
 
 
 def fp8_input_grad(g8_NV: jax.Array, w8_DV: jax.Array, s: FP8HeadConfig) -> jax.Array:
-    """dL/dx [N, D] in float32 (not yet rounded) from the e5m2 logit gradient."""
-    return _dot(g8_NV, w8_DV, (1, 1)) * (s.grad_scale * s.w_scale)
+    """dL/dx [N, D] in float32 (not yet rounded) from the e5m2 logit gradient, float32-accumulated."""
+    return _dot(g8_NV, w8_DV, (1, 1), BACKWARD_PRECISION) * (s.grad_scale * s.w_scale)
 
 
 def fp8_weight_grad(x8_ND: jax.Array, g8_NV: jax.Array, s: FP8HeadConfig) -> jax.Array:
-    """dL/dw [D, V] in float32 from e4m3 inputs and the e5m2 logit gradient."""
-    return _dot(x8_ND, g8_NV, (0, 0)) * (s.x_scale * s.grad_scale)
+    """dL/dw [D, V] in float32 from e4m3 inputs and the e5m2 logit gradient, float32-accumulated."""
+    return _dot(x8_ND, g8_NV, (0, 0), BACKWARD_PRECISION) * (s.x_scale * s.grad_scale)
 
 
 def _fp8_forward(x_ND, w_DV, s: FP8HeadConfig):
