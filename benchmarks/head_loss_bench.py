@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.mlp_ce_bench import time_it
 from configs import record77
 from jaxrun.config import KernelConfig
 from jaxrun.model import head, head_mtp_loss
@@ -83,19 +83,6 @@ def variant(name: str):
     else:
         raise ValueError(f"unknown variant {name!r}")
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-
-def time_it(fn, args, batches=10, per_batch=5):
-    """Median, min and max ms per call over batches of back-to-back calls (one sync per batch)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(per_batch):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / per_batch * 1e3)
-    return float(np.median(times)), float(np.min(times)), float(np.max(times))
 
 
 def rel_err(a, b) -> float:

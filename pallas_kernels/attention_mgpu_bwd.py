@@ -88,6 +88,11 @@ def _two_products(first, second, shape, between):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
+def _tile_span(ranges_ref, bi, row) -> tuple[jax.Array, jax.Array]:
+    """The blocks the CTA's consumers visit between them, [first, last): its ring's span."""
+    return read_bound(ranges_ref, bi, row, 0), read_bound(ranges_ref, bi, row + _CONSUMERS - 1, 3)
+
+
 def _walk(ranges_ref, bi, tile, wg, stages, wait_loaded, freed, step, carry):
     """A consumer's loop over the CTA's column blocks: compute its own range, pass over the rest.
 
@@ -95,7 +100,7 @@ def _walk(ranges_ref, bi, tile, wg, stages, wait_loaded, freed, step, carry):
     and the producer stay in step through the ring.
     """
     row = _CONSUMERS * tile
-    first, last = read_bound(ranges_ref, bi, row, 0), read_bound(ranges_ref, bi, row + _CONSUMERS - 1, 3)
+    first, last = _tile_span(ranges_ref, bi, row)
     lo, full_lo, full_hi, hi = (read_bound(ranges_ref, bi, row + wg, i) for i in range(4))
 
     def slot(j):
@@ -218,11 +223,7 @@ def _dkdv(q, k, v, do, lse, delta, last_query_BT, *, scale, block_q, block_k, st
                 plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[s_], do_loaded.at[s_])
                 plgpu.copy_gmem_to_smem(delta_ref.at[cols], delta_smem.at[s_], delta_loaded.at[s_])
 
-            first, last = (
-                read_bound(ranges_ref, bi, row, 0),
-                read_bound(ranges_ref, bi, row + _CONSUMERS - 1, 3),
-            )
-            ring(first, last, stages, load, (freed,))
+            ring(*_tile_span(ranges_ref, bi, row), stages, load, (freed,))
 
     scratch = (
         (
@@ -320,11 +321,7 @@ def _dq(q, k, v, do, lse, delta, first_key_BT, *, scale, block_q, block_k, stage
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[s_], k_loaded.at[s_])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[s_], v_loaded.at[s_])
 
-            first, last = (
-                read_bound(ranges_ref, bi, row, 0),
-                read_bound(ranges_ref, bi, row + _CONSUMERS - 1, 3),
-            )
-            ring(first, last, stages, load, (freed,))
+            ring(*_tile_span(ranges_ref, bi, row), stages, load, (freed,))
 
     scratch = (
         (
