@@ -1,6 +1,7 @@
 """Does record77's FP8 head run as FP8 GEMMs? Compiles the head's loss, forward and backward, and lists its dots.
 
   python benchmarks/fp8_hlo.py [--tokens 49152] [--loss xla_fused|xla]
+  python benchmarks/fp8_hlo.py --accumulation [--k 4096,16384,65536]
 
 The record runs its lm_head as three FP8 GEMMs (torch._scaled_mm): e4m3 × e4m3 forward, and e5m2 × e4m3
 for the input's and the weight's gradients. jaxrun writes each as a `dot_general` of float8 operands with
@@ -10,6 +11,11 @@ and runs a bf16/f32 GEMM. This compiles the training head's value-and-grad at re
 micro-batch of `--tokens`, D = 768, V = 50304) and prints, for the program XLA receives, every dot and its
 operand types, and for the compiled program the FP8 GEMM custom calls and the other GEMMs. On a GPU it
 exits 1 unless all three products are FP8 GEMMs.
+
+`--accumulation` measures how the weight-gradient GEMM (e4m3ᵀ × e5m2 → f32, summing over K tokens)
+accumulates at each precision: its error against the float32 sum of the same products (each exact in
+float32), relative to the largest entry. Fast accumulation (DEFAULT on a GPU) grows with K; HIGHEST
+should stay flat. On a CPU both are exact.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FP8_GEMM = "__cublas$lt$matmul$f8"
-_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", re.M)
+_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", re.MULTILINE)
 _DOT = re.compile(r"= (\S+) dot\(%?([\w.\-]+), %?([\w.\-]+)\)")
 
 
@@ -54,12 +60,62 @@ def dots(hlo_text: str) -> list[tuple[str, str, str]]:
     return [(out, types.get(lhs, lhs), types.get(rhs, rhs)) for out, lhs, rhs in _DOT.findall(hlo_text)]
 
 
+def weight_grad_operands(k_tokens: int, d: int = 768, v: int = 4096):
+    """e4m3 inputs [K, d], an e5m2 softmax-like logit gradient [K, v], and the float32 sum of their
+    products [d, v] (each product is exact in float32), as the FP8 head's weight gradient sees them."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrun.config import FP8HeadConfig
+    from jaxrun.model import head
+
+    scales = FP8HeadConfig()
+    k = jax.random.split(jax.random.key(2), 2)
+    x8 = head.fp8_input(jax.random.normal(k[0], (k_tokens, d), jnp.bfloat16), scales)
+    probs = jax.nn.softmax(4.0 * jax.random.normal(k[1], (k_tokens, v)), axis=-1)
+    g8 = head.quantize_grad(probs - jax.nn.one_hot(jnp.arange(k_tokens) % v, v), scales)
+    with jax.default_matmul_precision("highest"):
+        want = x8.astype(jnp.float32).T @ g8.astype(jnp.float32)
+    return x8, g8, want
+
+
+def relative_error(got, want) -> float:
+    import jax.numpy as jnp
+
+    return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+
+
+def accumulation_errors(k_tokens: int) -> dict[str, float]:
+    """{precision: error of the largest entry} of the weight-gradient GEMM at K = `k_tokens`."""
+    import jax
+    import jax.numpy as jnp
+
+    x8, g8, want = weight_grad_operands(k_tokens)
+    errors = {}
+    for precision in (jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGHEST):
+        got = jax.jit(
+            lambda a, b, p=precision: jax.lax.dot_general(
+                a, b, (((0,), (0,)), ((), ())), precision=p, preferred_element_type=jnp.float32
+            )
+        )(x8, g8)
+        errors[precision.name] = relative_error(got, want)
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=49_152)
     p.add_argument("--loss", default="xla_fused", choices=("xla", "xla_fused"))
+    p.add_argument("--accumulation", action="store_true", help="measure the FP8 GEMM's accumulation error instead")
+    p.add_argument("--k", default="4096,16384,65536", help="--accumulation: token counts K")
     a = p.parse_args(argv)
     import jax
+
+    if a.accumulation:
+        print(f"FP8 weight-gradient GEMM on {jax.devices()[0].device_kind}: error / largest entry")
+        for k in map(int, a.k.split(",")):
+            print(f"  K={k:>6}", "  ".join(f"{p}: {e:.2e}" for p, e in accumulation_errors(k).items()))
+        return 0
 
     fn, args = head_program(a.tokens, a.loss)
     lowered = fn.lower(*args)

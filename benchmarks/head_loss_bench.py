@@ -1,6 +1,6 @@
 """Times record #77's training head (FP8 GEMM, sigmoid cap, multi-token CE) fwd+bwd, per loss path.
 
-Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/head_loss_bench.py
+Usage (GPU): python3 benchmarks/head_loss_bench.py
              [--n 16384,32768,49152] [--only xla,xla_fused,xla_fused_rows,pallas] [--sweep] [--no-peak]
 
 Each variant is `jax.value_and_grad` of `head.token_losses(...).sum()` with respect to the head
@@ -19,6 +19,9 @@ import json
 import os
 import subprocess
 import sys
+
+# the peak-memory children share the card with this process: it must not hold 75% of it
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import fp8_hlo
 from jaxrun.config import FP8HeadConfig
 from jaxrun.model import head, head_mtp_loss
 
@@ -66,16 +67,12 @@ def test_fp8_backward_gemms_accumulate_in_float32(loss):
 
 @pytest.mark.gpu
 def test_fp8_weight_grad_on_gpu_matches_float32_sums():
-    """At a rank's token count (16K), the compiled weight-gradient GEMM equals the float32 sum of
-    the same FP8 products (exact in float32) up to float32 summation order; fast accumulation
-    (what DEFAULT precision gets) misses it by orders of magnitude more."""
-    n, d, v = 16_384, 768, 4096
-    k = jax.random.split(jax.random.key(2), 2)
-    x8 = head.fp8_input(jax.random.normal(k[0], (n, d), jnp.bfloat16), SCALES)
-    probs = jax.nn.softmax(4.0 * jax.random.normal(k[1], (n, v)), axis=-1)  # softmax-like logit grads
-    g8 = head.quantize_grad(probs - jax.nn.one_hot(jnp.arange(n) % v, v), SCALES)
+    """At a rank's token count (16K), the compiled weight-gradient GEMM stays near the float32 sum of
+    the same FP8 products (exact in float32). Hopper's FP8 tensor cores sum each K-chunk at reduced
+    precision even with float32 accumulation, so the two are not equal: on an H100 (2026-12-06) the
+    error was 1.85e-4 of the largest entry at HIGHEST, flat from K = 4K to 64K, against 1.81e-3 at
+    DEFAULT (fast accumulation), which grows with K (1.30e-3 at 4K, 3.52e-3 at 64K)."""
+    x8, g8, want = fp8_hlo.weight_grad_operands(16_384)
     got = jax.jit(lambda a, b: head.fp8_weight_grad(a, b, SCALES))(x8, g8)
-    with jax.default_matmul_precision("highest"):
-        want = (x8.astype(jnp.float32).T @ g8.astype(jnp.float32)) * (SCALES.x_scale * SCALES.grad_scale)
-    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    assert err < 1e-5, f"FP8 weight gradient off by {err:.2e} of its scale"
+    err = fp8_hlo.relative_error(got, want * (SCALES.x_scale * SCALES.grad_scale))
+    assert err < 5e-4, f"FP8 weight gradient off by {err:.2e} of its scale: fast accumulation?"
