@@ -158,3 +158,14 @@ def test_eval_losses_in_chunks_equal_whole(monkeypatch):
     monkeypatch.setattr(head, "EVAL_CHUNK", 32)
     chunked = model.token_losses(params, batch, cfg)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_default_mode_is_the_final_validation_of_a_finished_run():
+    """A notebook's `model.apply(params, tokens, cfg)` on a windowed recipe evaluates as the run's
+    last validation did: its final windows after every YaRN change."""
+    from configs import record77
+    from jaxrun import schedule
+
+    cfg = record77.get_config()
+    assert model.default_mode(cfg) == schedule.eval_mode(cfg, cfg.train.steps)
+    assert model.default_mode(cfg).windows == (6, 20)

@@ -41,7 +41,8 @@ OPTIM_ROWS = (
 class Mode:
     """Where training is, as the forward needs it; static, so each value compiles its own step.
 
-    `windows`: (short, long) in blocks, None for the config's own. `long_history`: the long
+    `windows`: (short, long) in blocks (None: full causal, or `gpt.default_mode`'s pair where
+    the config has windows). `long_history`: the long
     windows the run has moved through, first to current, for YaRN (empty: none). `training`:
     FP8 head and multi-token loss on; off for eval. `tied`: read the token embedding from the
     head's weight (record #77 before the split step).
@@ -213,9 +214,13 @@ def window_tokens(cfg: ModelConfig, lp: LayerPlan, mode: Mode) -> int | None:
     """The layer's window in tokens (virtual positions on paired layers), or None."""
     if lp.window is None:
         return None
-    wc = cfg.attn.windows
-    short, long = mode.windows if mode.windows is not None else (wc.short, wc.long)
-    return (long if lp.window == "long" else short) * wc.block
+    if mode.windows is None:
+        raise ValueError(
+            "model.attn.windows is set but the mode names no (short, long) pair: "
+            "use jaxrun.model.default_mode(cfg) or jaxrun.schedule.eval_mode(cfg, step)"
+        )
+    short, long = mode.windows
+    return (long if lp.window == "long" else short) * cfg.attn.windows.block
 
 
 def _pair_heads(q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, cfg: ModelConfig, mode: Mode):

@@ -44,8 +44,14 @@ def init(key: jax.Array, cfg: ModelConfig | Config) -> Params:
 
 
 def default_mode(cfg: ModelConfig | Config) -> Mode:
-    """Eval at the config's own windows: what a notebook or a finished run wants."""
-    return Mode()
+    """Eval as at the end of training, what a notebook or a finished run wants: the final eval
+    windows (`windows.final_eval`, else the last stage's) after every long-window change (YaRN)."""
+    w = _model_cfg(cfg).attn.windows
+    if w is None:
+        return Mode()
+    longs = [long for _, long in w.stages]
+    history = tuple(long for i, long in enumerate(longs) if i == 0 or longs[i - 1] != long)
+    return Mode(windows=w.final_eval or w.stages[-1], long_history=history)
 
 
 def _layer(
@@ -64,7 +70,7 @@ def _layer(
         a_BTD = attention.forward(layer["attn"], h_BTD, lp, cfg, mode, ctx["segment_ids"], ve)
         x_BTD = residual.after_attention(res, lp.index, x_BTD, a_BTD, ctx["x0"], ctx["bigram"])
     h_BTD = norm(x_BTD, layer.get("mlp_norm", {}), cfg)
-    return residual.after_mlp(res, lp.index, x_BTD, mlp.forward(layer["mlp"], h_BTD, cfg))
+    return residual.after_mlp(res, lp.index, x_BTD, mlp.forward(layer["mlp"], h_BTD, cfg, mode))
 
 
 def layer_params(blocks: Params, lp: LayerPlan) -> Params:
