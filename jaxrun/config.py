@@ -260,6 +260,9 @@ class TrainConfig:
     # SIGTERM and SIGINT always save one at the next step boundary.
     ckpt_every: int = 0  # steps between checkpoints, plus one at the end (0: none)
     ckpt_keep: int = 3  # the newest this many are kept
+    # Pause after this step of the schedule, with a validation and a checkpoint (0: run all of
+    # train.steps): the first N steps of a longer run, which `--resume` continues.
+    stop_after: int = 0
     # Fine-tuning: start from the params of this run dir's newest good checkpoint (or one step's
     # dir), with a fresh optimizer, at step 0, in a new run dir. Not a resume (`--resume`).
     init_from: str | None = None
@@ -269,6 +272,10 @@ class TrainConfig:
         check(self.steps > 0, f"train.steps={self.steps} must be positive")
         check(self.ckpt_every >= 0, f"train.ckpt_every={self.ckpt_every} must be >= 0 (0: none)")
         check(self.ckpt_keep > 0, f"train.ckpt_keep={self.ckpt_keep} must be positive")
+        check(
+            0 <= self.stop_after < self.steps,
+            f"train.stop_after={self.stop_after} must be in [0, train.steps={self.steps}) (0: no pause)",
+        )
         check(self.micro_batch_seqs > 0, f"train.micro_batch_seqs={self.micro_batch_seqs} must be positive")
         check(self.val_every >= 0, f"train.val_every={self.val_every} must be >= 0 (0: only at the end)")
         check(self.val_every_late >= 0, f"train.val_every_late={self.val_every_late} must be >= 0 (0: off)")

@@ -400,6 +400,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     log.info(f"compile: {compile_s:.1f}s for {len(variants)} step variant(s) (excluded from train_time)")
 
     steps, val_loss = cfg.train.steps, float("nan")
+    pause = cfg.train.stop_after if start < cfg.train.stop_after else None  # a resume goes past it
     progress = log.progress(steps)
     pending = None  # (step, metrics) dispatched but not yet read
     last_read = 0.0  # when the previous step's metrics arrived (or the clock last started)
@@ -424,7 +425,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     t0 = last_read = time.perf_counter()
     for step in range(start, steps + 1):
         last = step == steps
-        if val_due(cfg, step):
+        if val_due(cfg, step) or step == pause:
             jax.block_until_ready(state)
             # the clock stops for eval; t0 now times the eval
             t0, train_ms = time.perf_counter(), train_ms + 1000 * (time.perf_counter() - t0)
@@ -438,7 +439,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
             log.val(step, val_loss, train_ms, train_ms / step if step else float("nan"))
             t0, eval_s = time.perf_counter(), eval_s + time.perf_counter() - t0
             last_read = t0
-        if last:
+        if last or step == pause:
             break
         state, metrics = compiled(state, next_batch(), step)
         if step == split:  # after the split step's update the embedding and head go separate ways
@@ -447,13 +448,21 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
             read_pending()
         pending = (step + 1, metrics)
         clock = train_ms + 1000 * (time.perf_counter() - t0)
-        ckpt.step_done(step + 1, state, stream, clock, force=stop.signal is not None)
+        ckpt.step_done(step + 1, state, stream, clock, force=stop.signal is not None or step + 1 == pause)
         if stop.signal is not None:
             break
     progress.close()
     if pending is not None:  # stopped by a signal before reading the last step's metrics
         read_pending()
     ckpt.close()
+    if not last and stop.signal is None:  # the stop_after pause: validated, checkpointed
+        log.info(
+            f"paused after step {pause} (train.stop_after), with a checkpoint; "
+            f"continue with: python launch.py --resume {log.run_dir}"
+        )
+        log.close()
+        paused = {"stopped_by": "stop_after", "step": pause, "val_loss": val_loss, "train_time_ms": train_ms}
+        return {**paused, "state": state, "run_dir": str(log.run_dir)}
     if not last:
         log.info(
             f"stopped by {stop.signal.name} after step {step + 1}, with a checkpoint; "

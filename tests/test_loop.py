@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jaxrun import train
-from jaxrun.config import apply_overrides
+from jaxrun.config import ConfigError, apply_overrides, saved_config
 from tests.test_train import _shards
 
 
@@ -67,3 +67,41 @@ def test_loop_overhead_summary_windows():
     assert short["last_over_first"] == pytest.approx(1.2)
     long = loop_overhead.summary([0.0] + [1.0] * 300 + [2.0] * 100)
     assert long["window"] == 100 and long["last_over_first"] == pytest.approx(2.0)
+
+
+def test_stop_after_pauses_with_a_checkpoint_and_resume_finishes_the_run(tiny_cfg, tmp_path):
+    """`train.stop_after=3` of a 6-step run validates and checkpoints at step 3 and returns; a resume
+    goes past the pause to the end, logging the straight run's train losses bit for bit."""
+    train_files, val_files = _shards(tmp_path)
+    base = [
+        f"data.train_files={train_files}",
+        f"data.val_files={val_files}",
+        "train.steps=6",
+        "train.val_every=0",
+        "train.micro_batch_seqs=1",
+        "model.num_layers=1",
+    ]
+
+    def losses(run_dir):
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return {(k, r["step"]): r[k] for r in records for k in ("train_loss", "val_loss") if k in r}
+
+    straight = train.run(apply_overrides(tiny_cfg, [*base, f"train.out_dir={tmp_path / 'a'}"]))
+    paused = train.run(
+        apply_overrides(tiny_cfg, [*base, f"train.out_dir={tmp_path / 'b'}", "train.stop_after=3"])
+    )
+    assert (paused["stopped_by"], paused["step"]) == ("stop_after", 3)
+    run_dir = Path(paused["run_dir"])
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()] == ["3"]
+    assert sorted(losses(run_dir)) == [("train_loss", s) for s in (1, 2, 3)] + [("val_loss", 3)]
+    train.run(saved_config(run_dir), resume=str(run_dir))
+    resumed = losses(run_dir)
+    assert {k: v for k, v in resumed.items() if k[0] == "train_loss"} == {
+        k: v for k, v in losses(straight["run_dir"]).items() if k[0] == "train_loss"
+    }
+    assert ("val_loss", 6) in resumed
+
+
+def test_stop_after_must_fall_inside_the_run(tiny_cfg):
+    with pytest.raises(ConfigError, match="train.stop_after=6"):
+        apply_overrides(tiny_cfg, ["train.steps=6", "train.stop_after=6"])
