@@ -2,6 +2,7 @@
 
     python -m benchmarks.overlap_report                      # `simple` at full size (GPU)
     python -m benchmarks.overlap_report --small              # CPU-sized smoke run
+    python -m benchmarks.overlap_report --config record77    # record #77's first-stage step
     # two processes sharing one GPU, to compile (never run) the step for a 2-GPU mesh:
     for i in 0 1; do XLA_PYTHON_CLIENT_PREALLOCATE=false JAXRUN_COORDINATOR=localhost:12355 \\
         JAXRUN_NUM_PROCESSES=2 JAXRUN_PROCESS_ID=$i python -m benchmarks.overlap_report \\
@@ -11,7 +12,8 @@ The step is lowered from abstract inputs only (ShapeDtypeStructs with the
 shardings `train.init_state` gives) and compiled for the first stage's batch
 shape with `sharding.set_xla_gpu_flags`. As it makes no arrays, processes
 joined by `sharding.initialize_distributed` can share one GPU to compile the
-multi-GPU step (NCCL is only needed to run it).
+multi-GPU step (NCCL is only needed to run it): JAXRUN_NUM_PROCESSES=8 with
+eight such processes compiles the step of an 8-GPU mesh.
 
 A scheduled module lists each computation's instructions in execution order.
 An async collective is a start/done pair (`all-gather-start`/`-done`, ...,
@@ -41,8 +43,8 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import launch
 from benchmarks.checkpoint_bench import SMALL
-from configs.simple import get_config
 from jaxrun import optim, sharding, train
 from jaxrun.config import apply_overrides
 
@@ -228,7 +230,8 @@ def abstract_state(cfg, mesh) -> train.TrainState:
     """The train state as ShapeDtypeStructs, each with the sharding `train.init_state` gives it."""
     shapes = jax.eval_shape(lambda: train.init_state(cfg, jax.random.key(cfg.train.seed), mesh))
     opt_specs = train._opt_state_specs(cfg, mesh, optim.make_optimizer(cfg))
-    specs = train.TrainState(P(), jax.tree.map(lambda _: P(), shapes.params), opt_specs)
+    replicated = jax.tree.map(lambda _: P(), (shapes.params, shapes.fp8))
+    specs = train.TrainState(P(), replicated[0], opt_specs, replicated[1])
     return jax.tree.map(
         lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
         shapes,
@@ -236,9 +239,20 @@ def abstract_state(cfg, mesh) -> train.TrainState:
     )
 
 
+# record77 at CPU size: width 96, windows in blocks of 8 tokens, short rows per stage
+SMALL_RECORD = [
+    "model.head_dim=16",
+    "model.model_dim=96",
+    "model.attn.windows.block=8",
+    "data.seq_len=64",
+    "data.max_doc_len=32",
+    "data.stages=((483,8,128,64),(967,8,192,64))",
+]
+
+
 def compile_step(cfg, mesh):
     """The train step compiled for the first stage's batch shape, from abstract inputs only."""
-    keys = ("inputs", "targets", "segment_ids") if cfg.data.mode == "documents" else ("inputs", "targets")
+    keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
     stage = train.data_stages(cfg)[0]
     accum = train.grad_accum_steps(cfg, mesh.size, stage.batch_seqs)
     shape = (accum, stage.batch_seqs // accum, stage.seq_len)
@@ -249,7 +263,10 @@ def compile_step(cfg, mesh):
 
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="a CPU-sized model instead of `simple`")
+    parser.add_argument(
+        "--config", default="simple", help="config name in configs/ or a path (default: simple)"
+    )
+    parser.add_argument("--small", action="store_true", help="the config at CPU size")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--out", help="write the optimized HLO here (e.g. docs/OVERLAP_hlo.txt)")
     parser.add_argument("--plot", help="write the schedule plot here (e.g. docs/img/overlap_schedule.png)")
@@ -258,7 +275,9 @@ def main(argv: list[str]) -> dict:
 
     sharding.set_xla_gpu_flags()  # before jax starts its backend, as launch.py trains
     sharding.initialize_distributed()
-    cfg = apply_overrides(get_config(), [*(SMALL if args.small else []), *args.set])
+    cfg = launch.load_config(args.config)
+    small = (SMALL_RECORD if cfg.data.mode == "record" else SMALL) if args.small else []
+    cfg = apply_overrides(cfg, [*small, *args.set])
     mesh, kind = sharding.make_mesh(cfg.mesh), jax.devices()[0].device_kind
     flags = {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "NCCL_NVLS_ENABLE")}
     counts = (

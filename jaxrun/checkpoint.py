@@ -136,6 +136,20 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _on_disk(state: Any) -> Any:
+    """The tree a checkpoint holds for `state`: a NamedTuple's fields by name (as orbax stores them),
+    leaving out empty dicts (`TrainState.fp8` without FP8 scales), so that checkpoints written before
+    such a field existed still restore."""
+    if not hasattr(state, "_asdict"):
+        return state
+    return {k: v for k, v in state._asdict().items() if not (isinstance(v, dict) and not v)}
+
+
+def _from_disk(like: Any, tree: Any) -> Any:
+    """`_on_disk`'s inverse: fields left out take their (empty) defaults."""
+    return type(like)(**tree) if hasattr(like, "_asdict") else tree
+
+
 def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
@@ -319,7 +333,7 @@ class Checkpointer:
             "checksums": dict(zip(paths, np.asarray(snap.checksums).tolist(), strict=True)),
         }
         args = ocp.args.Composite(
-            state=ocp.args.PyTreeSave(snap.state),
+            state=ocp.args.PyTreeSave(_on_disk(snap.state)),
             data=grain.checkpoint.CheckpointSave(Position(snap.position)),
             config=ocp.args.JsonSave(json.loads(self.cfg.to_json())),
             meta=ocp.args.JsonSave(meta),
@@ -399,15 +413,16 @@ class Checkpointer:
 
     def _restore(self, step: int, state: Any, stream: Any) -> Restored:
         args = ocp.args.Composite(
-            state=_restore_args(_abstract(state)),
+            state=_restore_args(_on_disk(_abstract(state))),
             data=grain.checkpoint.CheckpointRestore(stream),
             meta=ocp.args.JsonRestore(),
         )
         restored = self.manager.restore(step, args=args)
-        _verify(restored.state, restored.meta["checksums"])
-        if int(restored.state.step) != step:
-            raise CheckpointError(f"holds the state of step {int(restored.state.step)}")
-        return Restored(restored.state, step, float(restored.meta["train_ms"]))
+        restored_state = _from_disk(state, restored.state)
+        _verify(restored_state, restored.meta["checksums"])
+        if int(restored_state.step) != step:
+            raise CheckpointError(f"holds the state of step {int(restored_state.step)}")
+        return Restored(restored_state, step, float(restored.meta["train_ms"]))
 
     def resume(self, state: Any, stream: Any) -> Restored:
         """`restore_latest`, or CheckpointError if there is nothing to resume from."""

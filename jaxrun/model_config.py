@@ -99,9 +99,11 @@ class MLPConfig:
     """The MLP (jaxrun/model/mlp.py)."""
 
     activation: Literal["gelu", "relu2"] = "relu2"
-    # The up-projection as an e4m3 GEMM with current scaling, in training only (record #89 and later;
-    # the backward stays bf16). With the XLA ReLU² path: kernels.mlp="xla".
+    # In training only, as e4m3 GEMMs (records after #77; the backward stays bf16; jaxrun/model/mlp_fp8.py),
+    # with the XLA ReLU² path (kernels.mlp="xla"): the up-projection with current scaling, and the
+    # down-projection with delayed scaling (its scales carried in the train state).
     fp8_up: bool = False
+    fp8_down: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,11 +223,13 @@ class ModelConfig:
             self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
             f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
         )
-        check(
-            not self.mlp.fp8_up or (self.mlp.activation == "relu2" and self.kernels.mlp == "xla"),
-            "model.mlp.fp8_up=True quantizes the ReLU² MLP's XLA path: it needs model.mlp.activation='relu2' "
-            f"and model.kernels.mlp='xla', not {self.mlp.activation!r} and {self.kernels.mlp!r}",
-        )
+        for field in ("fp8_up", "fp8_down"):
+            check(
+                not getattr(self.mlp, field)
+                or (self.mlp.activation == "relu2" and self.kernels.mlp == "xla"),
+                f"model.mlp.{field}=True quantizes the ReLU² MLP's XLA path: it needs model.mlp.activation="
+                f"'relu2' and model.kernels.mlp='xla', not {self.mlp.activation!r} and {self.kernels.mlp!r}",
+            )
         caps = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}[self.kernels.loss]
         record_head = self.head.fp8 is not None and self.head.softcap == "sigmoid"  # head_mtp_loss
         check(

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrun import checkpoint, loop_control, model, optim, record_optim, schedule, sharding
 from jaxrun import data as data_lib
 from jaxrun.config import Config, ConfigError
+from jaxrun.model import mlp_fp8
 from jaxrun.runlog import RunLog
 
 
@@ -31,6 +32,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     params: model.Params
     opt_state: optax.OptState
+    fp8: dict = {}  # noqa: RUF012  the MLP's delayed FP8 scales (model.mlp.fp8_down), replicated; else empty
 
 
 def grad_accum_steps(cfg: Config, num_devices: int, batch_seqs: int | None = None) -> int:
@@ -84,10 +86,15 @@ def init_state(cfg: Config, key: jax.Array, mesh: jax.sharding.Mesh) -> TrainSta
             return tx.init(jax.tree.map(lambda p, l: sharding.owned_part(p, l, axis), params, lay))
 
         opt_state = jax.shard_map(local_state, mesh=mesh, in_specs=P(), out_specs=specs)(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, fp8_state(cfg, params))
 
-    out = TrainState(P(), P(), specs)
+    out = TrainState(P(), P(), specs, P())
     return jax.jit(build, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), out))(key)
+
+
+def fp8_state(cfg: Config, params: model.Params) -> dict:
+    """The train state's delayed FP8 scales at step 0 (empty unless model.mlp.fp8_down)."""
+    return mlp_fp8.init_state(params["blocks"]["mlp"]["w_down"]) if cfg.model.mlp.fp8_down else {}
 
 
 def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | None = None):
@@ -109,9 +116,12 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | Non
     specs = _opt_state_specs(cfg, mesh, tx)
     sharded = cfg.mesh.shard_optimizer
 
-    def local_step(params, opt_state, batch, step):
+    def local_step(params, opt_state, fp8, batch, step):
         lay = layouts(cfg, params)
-        grads, loss_sum, count = local_grads(params, batch, schedule.multi_token_weights(cfg, step))
+        w_down_before = params["blocks"]["mlp"]["w_down"]  # the delayed weight scale reads it (fp8_down)
+        grads, loss_sum, count, act_amax = local_grads(
+            params, batch, schedule.multi_token_weights(cfg, step), fp8
+        )
         loss_sum, count = jax.lax.psum((loss_sum, count), axis)
         grads = jax.tree.map(lambda g, l: sharding.reduce_grad(g, l, axis), grads, lay)
         if cfg.optim.loss_reduction == "mean":
@@ -127,19 +137,24 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | Non
         params = jax.tree.map(lambda p, l, q: sharding.gather_param(p, l, axis, q.shape), owned, lay, params)
         if mode.tied:  # the embedding follows the head it is tied to (record #77 syncs it the same way)
             params["embed"]["tokens"] = params["lm_head"]["w"].T
-        return params, opt_state, {"train_loss": loss_sum / count, "grad_norm": norm}
+        if fp8:  # every device sets the same scales: the max activation amax over the mesh
+            amax = jax.lax.pmax(act_amax, axis)
+            fp8 = mlp_fp8.next_state(amax, w_down_before, params["blocks"]["mlp"]["w_down"], step)
+        return params, opt_state, fp8, {"train_loss": loss_sum / count, "grad_norm": norm}
 
     batch_spec = sharding.batch_sharding(mesh).spec
     sharded_step = jax.shard_map(
-        local_step, mesh=mesh, in_specs=(P(), specs, batch_spec, P()), out_specs=(P(), specs, P())
+        local_step, mesh=mesh, in_specs=(P(), specs, P(), batch_spec, P()), out_specs=(P(), specs, P(), P())
     )
 
     lr_factor = optim.lr_factor_of(cfg)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        params, opt_state, metrics = sharded_step(state.params, state.opt_state, batch, state.step)
+        params, opt_state, fp8, metrics = sharded_step(
+            state.params, state.opt_state, state.fp8, batch, state.step
+        )
         metrics = {**metrics, "lr_factor": lr_factor(state.step)}  # this update's share of each base lr
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, fp8), metrics
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -164,31 +179,36 @@ def _local_grads(cfg: Config, axes: tuple[str, ...], mode: model.Mode | None = N
     """Summed token loss, its gradient and the token count over this device's micro-batches."""
     mode = schedule.train_mode(cfg, 0) if mode is None else mode
 
-    def summed_loss(params, micro, multi_token_weights):
-        losses_BT = model.token_losses(params, micro, cfg.model, mode, multi_token_weights)
+    def summed_loss(params, fp8, micro, multi_token_weights):
+        losses_BT = model.token_losses(params, micro, cfg.model, mode, multi_token_weights, fp8 or None)
         return losses_BT.sum(), (micro["targets"] >= 0).sum()
 
-    def local_grads(params, batch, multi_token_weights=None):
+    def local_grads(params, batch, multi_token_weights=None, fp8=None):
+        """(summed gradients, loss sum, token count, the MLP's activation amax [L] or None)."""
         # Differentiate a per-device copy: gradients of the replicated params would come
         # back already psum-ed, once per micro-batch. Local sums are reduced once, outside.
-        params = jax.lax.pcast(params, axes, to="varying")
+        params, fp8 = jax.lax.pcast((params, fp8 or {}), axes, to="varying")
 
         def accumulate(carry, micro):
-            grads, loss_sum, count = carry
-            (micro_loss, micro_count), micro_grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                params, micro, multi_token_weights
-            )
+            grads, amax, loss_sum, count = carry
+            (micro_loss, micro_count), (micro_grads, micro_fp8) = jax.value_and_grad(
+                summed_loss, argnums=(0, 1), has_aux=True
+            )(params, fp8, micro, multi_token_weights)
+            if fp8:  # the "gradient" of each activation scale is its amax (mlp_fp8): a max, not a sum
+                amax = jnp.maximum(amax, micro_fp8["act_scale"])
             return (
                 jax.tree.map(jnp.add, grads, micro_grads),
+                amax,
                 loss_sum + micro_loss,
                 count + micro_count,
             ), None
 
+        amax0 = jnp.zeros_like(fp8["act_scale"]) if fp8 else None
         sums = jax.lax.pcast((jnp.float32(0), jnp.int32(0)), axes, to="varying")  # per device until the psum
-        (grads, loss_sum, count), _ = jax.lax.scan(
-            accumulate, (jax.tree.map(jnp.zeros_like, params), *sums), batch
+        (grads, amax, loss_sum, count), _ = jax.lax.scan(
+            accumulate, (jax.tree.map(jnp.zeros_like, params), amax0, *sums), batch
         )
-        return grads, loss_sum, count
+        return grads, loss_sum, count, amax
 
     return local_grads
 
@@ -308,7 +328,7 @@ def make_untie(state: TrainState):
             lambda x, s: jax.sharding.reshard(x, NamedSharding(s.mesh, P())), state, shardings
         )
         params, opt_state = record_optim.untie(state.params, state.opt_state)
-        return TrainState(state.step, params, opt_state)
+        return state._replace(params=params, opt_state=opt_state)
 
     return jax.jit(untie, out_shardings=shardings, donate_argnums=(0,))
 

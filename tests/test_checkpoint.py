@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -480,3 +481,32 @@ def test_eval_and_fine_tune_start_from_a_checkpoints_params(shards, tmp_path, ca
     with pytest.raises(ConfigError, match="do not fit this model"):
         bigger = apply_overrides(fine, ["model.model_dim=128"])
         train.run(bigger)
+
+
+class _StateBeforeFP8(NamedTuple):
+    """TrainState as it was before it carried the MLP's delayed FP8 scales."""
+
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+
+
+def test_a_checkpoint_from_before_the_fp8_field_restores(shards, tmp_path):
+    """An empty `TrainState.fp8` is left off disk, so older checkpoints (without the field) restore;
+    a state that has FP8 scales saves and restores them."""
+    cfg = _config(shards, tmp_path)
+    ckpt = checkpoint.Checkpointer(cfg, tmp_path)
+    ckpt.step_done(
+        1, _StateBeforeFP8(jnp.int32(1), {"w": jnp.arange(8.0)}, ()), checkpoint.Position({}), 0.0, True
+    )
+    scales = {"act_scale": jnp.arange(3.0), "w_scale": jnp.ones(3)}
+    state2 = train.TrainState(jnp.int32(2), {"w": -jnp.arange(8.0)}, (), scales)
+    ckpt.step_done(2, state2, checkpoint.Position({}), 0.0, True)
+    ckpt.close()
+    old = checkpoint.Checkpointer(cfg, tmp_path)._restore(
+        1, train.TrainState(jnp.int32(0), {"w": jnp.zeros(8)}, ()), checkpoint.Position({})
+    )
+    assert old.state.fp8 == {} and old.state.params["w"].tolist() == list(range(8))
+    like = train.TrainState(jnp.int32(0), {"w": jnp.zeros(8)}, (), jax.tree.map(jnp.zeros_like, scales))
+    new = checkpoint.Checkpointer(cfg, tmp_path)._restore(2, like, checkpoint.Position({}))
+    assert new.state.fp8["act_scale"].tolist() == [0.0, 1.0, 2.0]

@@ -69,11 +69,15 @@ def test_loop_overhead_summary_windows():
     assert long["window"] == 100 and long["last_over_first"] == pytest.approx(2.0)
 
 
-def test_stop_after_pauses_with_a_checkpoint_and_resume_finishes_the_run(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("fp8", ["false", "true"], ids=["bf16", "fp8_delayed_scales"])
+def test_stop_after_pauses_with_a_checkpoint_and_resume_finishes_the_run(tiny_cfg, tmp_path, fp8):
     """`train.stop_after=3` of a 6-step run validates and checkpoints at step 3 and returns; a resume
-    goes past the pause to the end, logging the straight run's train losses bit for bit."""
+    goes past the pause to the end, logging the straight run's train losses bit for bit (with the
+    MLP's delayed FP8 scales, they are in the checkpoint too)."""
     train_files, val_files = _shards(tmp_path)
     base = [
+        f"model.mlp.fp8_down={fp8}",
+        "model.init=gpt2",
         f"data.train_files={train_files}",
         f"data.val_files={val_files}",
         "train.steps=6",

@@ -75,8 +75,8 @@ def _hidden(params):
 def test_split_batches_match_one_pass(exact_cfg, devices, micro):
     split = apply_overrides(exact_cfg, [f"train.micro_batch_seqs={micro}"])
     accum = exact_cfg.data.batch_seqs // (micro * devices)
-    g1, loss1, n1 = _grads(exact_cfg, _batch(0, exact_cfg), 1)
-    g2, loss2, n2 = _grads(split, _batch(0, exact_cfg, accum=accum), devices)
+    g1, loss1, n1, _ = _grads(exact_cfg, _batch(0, exact_cfg), 1)
+    g2, loss2, n2, _ = _grads(split, _batch(0, exact_cfg, accum=accum), devices)
     assert int(n1) == int(n2)
     np.testing.assert_allclose(loss1, loss2, rtol=1e-5)
     chex.assert_trees_all_close(g1, g2, rtol=1e-4, atol=1e-4)

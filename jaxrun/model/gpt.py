@@ -55,11 +55,12 @@ def default_mode(cfg: ModelConfig | Config) -> Mode:
 
 
 def _layer(
-    x_BTD, lp: LayerPlan, layer: Params, res: Params, cfg: ModelConfig, mode: Mode, ctx: dict
+    x_BTD, lp: LayerPlan, layer: Params, res: Params, cfg: ModelConfig, mode: Mode, ctx: dict, fp8=None
 ) -> jax.Array:
     """One layer: attention (or the gated skip), then the MLP, each into the residual.
 
-    `layer` holds this layer's slices of the stacked block params (see `layer_params`).
+    `layer` holds this layer's slices of the stacked block params (see `layer_params`), `fp8`
+    this layer's row of the MLP's delayed FP8 scales, if any.
     """
     if lp.skip_in:
         x_BTD = x_BTD + mul(ctx["skip"], residual.skip_gate(res, ctx["x0"]))
@@ -70,7 +71,7 @@ def _layer(
         a_BTD = attention.forward(layer["attn"], h_BTD, lp, cfg, mode, ctx["segment_ids"], ve)
         x_BTD = residual.after_attention(res, lp.index, x_BTD, a_BTD, ctx["x0"], ctx["bigram"])
     h_BTD = norm(x_BTD, layer.get("mlp_norm", {}), cfg)
-    return residual.after_mlp(res, lp.index, x_BTD, mlp.forward(layer["mlp"], h_BTD, cfg, mode))
+    return residual.after_mlp(res, lp.index, x_BTD, mlp.forward(layer["mlp"], h_BTD, cfg, mode, fp8))
 
 
 def layer_params(blocks: Params, lp: LayerPlan) -> Params:
@@ -103,8 +104,12 @@ def hidden_states(
     cfg: ModelConfig | Config,
     segment_ids_BT: jax.Array | None = None,
     mode: Mode | None = None,
+    fp8: dict | None = None,
 ) -> jax.Array:
-    """The final normalized hidden states [B, T, D] in the compute dtype."""
+    """The final normalized hidden states [B, T, D] in the compute dtype.
+
+    `fp8`: the MLP's delayed FP8 scales, [L] each (the train state's; `model.mlp.fp8_down` only).
+    """
     cfg = _model_cfg(cfg)
     mode = default_mode(cfg) if mode is None else mode
     res = params.get("residual", {})
@@ -121,13 +126,14 @@ def hidden_states(
     plan = layer_plan(cfg)
     if cfg.scan_layers:  # identical layers (the config checks it): one traced body over the stack
 
-        def body(x, layer):
-            return _layer(x, plan[0], layer, res, cfg, mode, ctx), None
+        def body(x, xs):
+            return _layer(x, plan[0], xs[0], res, cfg, mode, ctx, xs[1]), None
 
-        x_BTD, _ = jax.lax.scan(body, x_BTD, params["blocks"])
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (params["blocks"], fp8))
     else:
         for lp in plan:
-            x_BTD = _layer(x_BTD, lp, layer_params(params["blocks"], lp), res, cfg, mode, ctx)
+            layer_fp8 = None if fp8 is None else _slice(fp8, lp.index)
+            x_BTD = _layer(x_BTD, lp, layer_params(params["blocks"], lp), res, cfg, mode, ctx, layer_fp8)
             if cfg.residual.skip is not None and lp.index == cfg.residual.skip.source:
                 ctx["skip"] = x_BTD
             if lp.index == cfg.residual.saved_layer:
@@ -156,11 +162,12 @@ def token_losses(
     cfg: ModelConfig | Config,
     mode: Mode | None = None,
     multi_token_weights: jax.Array | None = None,
+    fp8: dict | None = None,
 ) -> jax.Array:
     """Cross-entropy per token [B, T] in float32; zero where targets < 0."""
     cfg = _model_cfg(cfg)
     mode = default_mode(cfg) if mode is None else mode
-    h_BTD = hidden_states(params, batch["inputs"], cfg, batch.get("segment_ids"), mode)
+    h_BTD = hidden_states(params, batch["inputs"], cfg, batch.get("segment_ids"), mode, fp8)
     return head.token_losses(params, h_BTD, batch["targets"], cfg, mode, multi_token_weights)
 
 
