@@ -294,7 +294,8 @@ def save_loss_plot(fig, ax, path: Path, title: str) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run stopped before its first logged step has no curves
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
