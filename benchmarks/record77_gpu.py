@@ -1,6 +1,6 @@
 """record77 on one GPU: per-stage step times, and jaxrun beside its PyTorch twin on the same data.
 
-  python benchmarks/record77_gpu.py stages --data DIR [--steps-per-stage 40] [--out DIR]
+  python benchmarks/record77_gpu.py stages --data DIR [--steps-per-stage 40] [--out DIR] [--set K=V ...]
   python benchmarks/record77_gpu.py side-by-side --data DIR [--steps 100] [--out DIR]
   python benchmarks/record77_gpu.py ablate --data DIR [--steps 250] [--out DIR]
 
@@ -13,7 +13,8 @@ steps, beside the record's 8×H100 figures. `side-by-side` runs jaxrun and the t
 the same batches, in bf16, and writes both loss curves (JSON and PNG). `ablate` trains the first
 `--steps` steps of the real schedule for the recipe and for each switch in ABLATIONS turned off,
 on the same data, and compares their val losses. DIR holds llm.c shards
-`train_*.bin` and `val_*.bin` (e.g. offline_english, unpacked).
+`train_*.bin` and `val_*.bin` (e.g. offline_english, unpacked). `--set` changes the recipe for
+`stages` and `ablate` (e.g. `--set model.mlp.fp8_up=true` to time a switch); the twin has none.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RECORD_MS = {0: (31.6, 28.7, 34.6), 1: (57.3, 54.9, 59.7), 2: (84.2, 81.8, 86.6), 3: (84.6, 82.0, 87.3)}
 
 
-def _config(data: str, tiny: bool = False):
+def _config(data: str, tiny: bool = False, overrides: list[str] | tuple = ()):
     import launch
-    from jaxrun.config import MeshConfig
+    from jaxrun.config import MeshConfig, apply_overrides
 
     cfg = launch.load_config("record77")
     d = dataclasses.replace(
@@ -44,7 +45,7 @@ def _config(data: str, tiny: bool = False):
     cfg = dataclasses.replace(
         cfg, data=d, train=dataclasses.replace(cfg.train, progress=False), mesh=MeshConfig(num_devices=1)
     )
-    return _tiny(cfg) if tiny else cfg
+    return apply_overrides(_tiny(cfg) if tiny else cfg, list(overrides))
 
 
 def _tiny(cfg):
@@ -98,7 +99,7 @@ def stages(args) -> dict:
 
     from jaxrun import schedule, train
 
-    cfg = _shortened(_config(args.data, tiny=args.tiny), args.steps_per_stage, args.steps_per_stage)
+    cfg = _shortened(_config(args.data, args.tiny, args.set), args.steps_per_stage, args.steps_per_stage)
     mesh, next_batch, val, state = _session(cfg)
     t0 = time.perf_counter()
     variants = train._compile_stages(state, cfg, mesh)
@@ -232,7 +233,7 @@ def ablate(args) -> dict:
     for name, overrides in ABLATIONS.items():
         if args.only and name not in args.only:
             continue
-        cfg = apply_overrides(_config(args.data, tiny=args.tiny), overrides)
+        cfg = apply_overrides(_config(args.data, args.tiny, args.set), overrides)
         mesh, next_batch, val, state = _session(cfg)
         steps, t0 = {}, time.perf_counter()
         for step in range(args.steps):
@@ -342,7 +343,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tiny", action="store_true", help="a CPU-sized model, to check this script")
     p.add_argument("--only", nargs="*", help="ablate: run only these entries of ABLATIONS")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = p.parse_args(argv)
+    if args.set and args.what == "side-by-side":
+        p.error("--set changes jaxrun's recipe, which the twin would not follow: not with side-by-side")
     Path(args.out).mkdir(parents=True, exist_ok=True)  # before minutes of work, not after
     result = {"stages": stages, "side-by-side": side_by_side, "ablate": ablate}[args.what](args)
     out = Path(args.out) / f"record77_{args.what.replace('-', '_')}.json"
