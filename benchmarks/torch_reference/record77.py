@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.torch_reference.record77_ops import (
+    FP8UpProjection,
     SoftcappedCE,
     Yarn,
     eval_losses,
@@ -46,7 +47,8 @@ def attn_slot(layer: int) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class Features:
-    """Which of record 77's techniques run; all on is the record."""
+    """Which of record 77's techniques run; the defaults are the record (all on, but the later records'
+    techniques, which are off)."""
 
     value_embeds: bool = True
     bigram: bool = True
@@ -59,6 +61,9 @@ class Features:
     fp8_head: bool = True
     mtp: bool = True  # off: only the next-token weight of the schedule's MTP weights
     windows: bool = True  # off: full causal attention within documents
+    fp8_mlp_up: bool = (
+        False  # a later record's technique, off in #77: the MLP up-projection in FP8 (training)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,7 +258,9 @@ class GPT77(nn.Module):
                     inject = inject + bigram * bigram_l[i]
                 x = resid[i, 0] * x + post[i, 0] * out + inject
             fc, proj = self.mlp_bank[i, 0].to(dt), self.mlp_bank[i, 1].to(dt)
-            x = resid[i, 1] * x + post[i, 1] * (F.relu(norm(x) @ fc.T).square() @ proj)
+            h = norm(x)
+            up = FP8UpProjection.apply(h, fc) if f.fp8_mlp_up and self.training else h @ fc.T
+            x = resid[i, 1] * x + post[i, 1] * (F.relu(up).square() @ proj)
             if i == SKIP_FROM:
                 skip_connection = x
             if i == SAVED_AFTER:

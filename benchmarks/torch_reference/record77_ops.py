@@ -181,6 +181,25 @@ def fp8_e4m3(x: Tensor, scale: float) -> Tensor:
     return x.div(scale).to(torch.float8_e4m3fn)
 
 
+class FP8UpProjection(torch.autograd.Function):
+    """The MLP up-projection of the records after #77, in training: x @ Wᵀ with x and W each as e4m3 at
+    448/amax (current scaling: x's amax over the whole tensor, W's over the layer's weight), float32
+    sums rescaled by amax_x·amax_W/448², in x's dtype. The backward is the unquantized GEMM's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ax, aw = (t.abs().amax().float().clamp_min(1e-12) for t in (x, w))
+        x8 = (x.float() * (448 / ax)).to(torch.float8_e4m3fn)
+        w8 = (w.float() * (448 / aw)).to(torch.float8_e4m3fn)
+        return ((x8.float() @ w8.float().T) * (ax / 448 * (aw / 448))).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        return g @ w.to(g.dtype), (g.T @ x).to(w.dtype)
+
+
 class SoftcappedCE(torch.autograd.Function):
     """The source's training head + FusedSoftcappedCrossEntropy: per-token Σ_k w_k·CE(z_t, target_{t+k}).
 
