@@ -2,7 +2,7 @@
 
 A table of `OptimRow`s (path regex -> optimizer kind, lr and decay multipliers,
 Adam betas, NorMuon shape factor) decides every leaf; `make_record_optimizer`
-joins the two kinds with `optax.partition`. Both follow one lr schedule
+joins the two kinds with `partition_in_order`, Adam's updates first. Both follow one lr schedule
 `s(step)` (stages with their own multipliers, then a linear cooldown to a
 floor) and couple their cautious weight decay to it, so decay scales as s².
 Adam updates only on every `adam_every`-th step, on the gradients summed since
@@ -330,10 +330,36 @@ def make_record_optimizer(
         eps=cfg.adam_eps,
         lr_of_count=lambda t: lr(every * t - 1),  # the t-th Adam update runs at step every·t - 1
     )
-    return optax.partition(
-        {"normuon": normuon, "adam": apply_every_summed(adam, every)},
+    return partition_in_order(
+        {"adam": apply_every_summed(adam, every), "normuon": normuon},
         lambda params: param_kinds(rows, params),
     )
+
+
+def partition_in_order(
+    transforms: dict[str, optax.GradientTransformation], labels: Callable[[Any], Any]
+) -> optax.GradientTransformation:
+    """`optax.partition` (same state), with each group's update finished before the next one starts.
+
+    The groups run in the dict's order, and an optimization barrier between them
+    makes every later group's inputs wait for the earlier groups' updates. Record
+    #77 orders its work so: Adam's cheap updates first, so their all-gathers
+    (the embedding tables, the largest) run behind the Polar Express matmuls of
+    NorMuon, which come last. Without the barrier XLA may schedule NorMuon first
+    and leave the tables' gathers with nothing to hide behind.
+    """
+    plain = optax.partition(transforms, labels)
+
+    def update_fn(updates, state, params=None):
+        kinds, inner = labels(updates), {}
+        for i, (group, tx) in enumerate(transforms.items()):
+            if i:
+                updates = jax.lax.optimization_barrier(updates)
+            masked = optax.masked(tx, jax.tree.map(lambda kind, g=group: kind == g, kinds))
+            updates, inner[group] = masked.update(updates, state.inner_states[group], params)
+        return updates, state._replace(inner_states=inner)
+
+    return optax.GradientTransformation(plain.init, update_fn)
 
 
 # ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.extend import core as jax_core
 
 from jaxrun import muon as jm
 from jaxrun import record_optim as ro
@@ -524,3 +525,55 @@ def test_bf16_first_step_is_close_to_float32():
             want, got = out["float32"][path], out["bfloat16"][path]
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.06, path
             assert not np.array_equal(got, want), path
+
+
+def _has_dot(eqn) -> bool:
+    """Whether a jaxpr equation is, or contains (cond branches, loops, pjit), a dot_general."""
+    if eqn.primitive.name == "dot_general":
+        return True
+    subs = []
+    for v in eqn.params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(x, jax_core.ClosedJaxpr):
+                subs.append(x.jaxpr)
+            elif isinstance(x, jax_core.Jaxpr):
+                subs.append(x)
+    return any(_has_dot(e) for j in subs for e in j.eqns)
+
+
+def test_partition_in_order_equals_optax_partition():
+    """Same updates and state as `optax.partition`, bit for bit, with the groups in either order."""
+    rng = np.random.default_rng(3)
+    params = {
+        "a": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=5), jnp.float32),
+    }
+
+    def labels(tree):
+        return {"a": "sgd", "b": "adam"}
+
+    transforms = {"adam": optax.adam(0.1), "sgd": optax.sgd(0.1, momentum=0.9)}
+    ordered, plain = ro.partition_in_order(transforms, labels), optax.partition(transforms, labels)
+    state, state_plain = ordered.init(params), plain.init(params)
+    for _ in range(2):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        u, state = jax.jit(ordered.update)(g, state, params)
+        u_plain, state_plain = jax.jit(plain.update)(g, state_plain, params)
+        jax.tree.map(np.testing.assert_array_equal, u, u_plain)
+        jax.tree.map(np.testing.assert_array_equal, state, state_plain)
+
+
+def test_record_optimizer_runs_adam_before_polar_express():
+    """Every leaf passes one barrier after Adam's update; all of NorMuon's matmuls come after it."""
+    tx = ro.make_record_optimizer(record_cfg(extension_steps=2), ROWS, 14)
+    rng = np.random.default_rng(4)
+    params = nest({k: jnp.asarray(v) for k, v in random_flat(rng, 0.3).items()})
+    grads = nest({k: jnp.asarray(v) for k, v in random_flat(rng, 1.0).items()})
+    eqns = jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr.eqns
+    names = [e.primitive.name for e in eqns]
+    assert names.count("optimization_barrier") == 1
+    barrier = names.index("optimization_barrier")
+    assert len(eqns[barrier].invars) == len(jax.tree.leaves(params))
+    assert any(e.primitive.name == "cond" for e in eqns[:barrier])  # Adam, every other step
+    matmuls = [i for i, e in enumerate(eqns) if _has_dot(e)]
+    assert matmuls and min(matmuls) > barrier
