@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import launch  # noqa: E402
-from jaxrun import schedule, sharding, train  # noqa: E402
+from jaxrun import sharding, train  # noqa: E402
 from jaxrun.config import Config, apply_overrides  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def bare_step_ms(cfg: Config, mesh, batches: list[dict[str, np.ndarray]]) -> lis
     key = jax.random.key(cfg.train.seed)
     state = train.init_state(cfg, key, mesh)
     variants = train._compile_stages(state, cfg, mesh)
-    fns = [variants[(schedule.train_mode(cfg, i), b["inputs"].shape)] for i, b in enumerate(on_device)]
+    fns = [variants[train.variant_key(cfg, mesh.size, i)] for i in range(len(on_device))]
     state, _ = fns[0](state, on_device[0])  # warm-up, then start again, as the loop does
     jax.block_until_ready(state)
     state = train.init_state(cfg, key, mesh)

@@ -231,7 +231,8 @@ def abstract_state(cfg, mesh) -> train.TrainState:
     shapes = jax.eval_shape(lambda: train.init_state(cfg, jax.random.key(cfg.train.seed), mesh))
     opt_specs = train._opt_state_specs(cfg, mesh, optim.make_optimizer(cfg))
     replicated = jax.tree.map(lambda _: P(), (shapes.params, shapes.fp8))
-    specs = train.TrainState(P(), replicated[0], opt_specs, replicated[1])
+    held = jax.tree.map(lambda _: P(mesh.axis_names[0]), shapes.held)  # one part per device
+    specs = train.TrainState(P(), replicated[0], opt_specs, replicated[1], held)
     return jax.tree.map(
         lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
         shapes,
@@ -251,13 +252,12 @@ SMALL_RECORD = [
 
 
 def compile_step(cfg, mesh):
-    """The train step compiled for the first stage's batch shape, from abstract inputs only."""
+    """The train step compiled as step 1 runs it (the first stage; an Adam step where Adam updates
+    every other step, so its collectives are in), from abstract inputs only."""
     keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
-    stage = train.data_stages(cfg)[0]
-    accum = train.grad_accum_steps(cfg, mesh.size, stage.batch_seqs)
-    shape = (accum, stage.batch_seqs // accum, stage.seq_len)
+    mode, shape, adam_step = train.variant_key(cfg, mesh.size, 1)
     batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
-    step = train.make_train_step(cfg, mesh)
+    step = train.make_train_step(cfg, mesh, mode, adam_step=adam_step)
     return step.lower(abstract_state(cfg, mesh), dict.fromkeys(keys, batch)).compile(), shape
 
 

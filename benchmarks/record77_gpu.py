@@ -110,7 +110,7 @@ def stages(args) -> dict:
         batch = next_batch()
         jax.block_until_ready(batch)
         t0 = time.perf_counter()
-        state, metrics = variants[(schedule.train_mode(cfg, step), batch["inputs"].shape)](state, batch)
+        state, metrics = variants[train.variant_key(cfg, mesh.size, step)](state, batch)
         if step == schedule.split_step(cfg):
             state = untie(state)
         jax.block_until_ready(state)

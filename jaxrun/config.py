@@ -267,9 +267,17 @@ class TrainConfig:
     # dir), with a fresh optimizer, at step 0, in a new run dir. Not a resume (`--resume`).
     init_from: str | None = None
     wandb: bool = False  # also log to wandb, offline (`wandb sync` uploads), if wandb is installed
+    # Threads that compile the step variants of the schedule (record77 has 5) before training;
+    # 0: one per variant, side by side (XLA's compiler releases the GIL). Host memory grows with
+    # each variant compiling at once: 10 tiny 8-device variants took 16 GB on a CPU host.
+    compile_threads: int = 1
 
     def __post_init__(self):
         check(self.steps > 0, f"train.steps={self.steps} must be positive")
+        check(
+            self.compile_threads >= 0,
+            f"train.compile_threads={self.compile_threads} must be >= 0 (0: one per variant)",
+        )
         check(self.ckpt_every >= 0, f"train.ckpt_every={self.ckpt_every} must be >= 0 (0: none)")
         check(self.ckpt_keep > 0, f"train.ckpt_keep={self.ckpt_keep} must be positive")
         check(

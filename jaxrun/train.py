@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -21,7 +22,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrun import checkpoint, loop_control, model, optim, record_optim, schedule, sharding
+from jaxrun import adam_hold, checkpoint, loop_control, model, optim, record_optim, schedule, sharding
 from jaxrun import data as data_lib
 from jaxrun.config import Config, ConfigError
 from jaxrun.model import mlp_fp8
@@ -33,6 +34,9 @@ class TrainState(NamedTuple):
     params: model.Params
     opt_state: optax.OptState
     fp8: dict = {}  # noqa: RUF012  the MLP's delayed FP8 scales (model.mlp.fp8_down), replicated; else empty
+    # Adam's gradients summed on each device since its last update, unreduced, flat, by param path
+    # (`jaxrun.adam_hold`, record #77's Adam on several devices); else empty
+    held: dict = {}  # noqa: RUF012
 
 
 def grad_accum_steps(cfg: Config, num_devices: int, batch_seqs: int | None = None) -> int:
@@ -86,9 +90,10 @@ def init_state(cfg: Config, key: jax.Array, mesh: jax.sharding.Mesh) -> TrainSta
             return tx.init(jax.tree.map(lambda p, l: sharding.owned_part(p, l, axis), params, lay))
 
         opt_state = jax.shard_map(local_state, mesh=mesh, in_specs=P(), out_specs=specs)(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, fp8_state(cfg, params))
+        held = adam_hold.held_state(cfg, params, mesh.size)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, fp8_state(cfg, params), held)
 
-    out = TrainState(P(), P(), specs, P())
+    out = TrainState(P(), P(), specs, P(), P(axis))
     return jax.jit(build, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), out))(key)
 
 
@@ -97,7 +102,9 @@ def fp8_state(cfg: Config, params: model.Params) -> dict:
     return mlp_fp8.init_state(params["blocks"]["mlp"]["w_down"]) if cfg.model.mlp.fp8_down else {}
 
 
-def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | None = None):
+def make_train_step(
+    cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | None = None, adam_step: bool | None = None
+):
     """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
     `batch` holds int32 `inputs` and `targets` (and `segment_ids`) shaped
@@ -106,24 +113,41 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | Non
     it holds the total for the params it owns, updates those with its optimizer
     state, and all-gathers the new params. `mode` is where training is (see
     `jaxrun.schedule`; by default step 0's); multi-token weights follow the step.
+    Where Adam's gradients wait on each device (`adam_hold.holds_adam_grads`), `adam_step`
+    says which variant this is: the step Adam updates on, or one in between
+    (`adam_hold.adam_step_of` gives it for a step). The logged `grad_norm` is the norm of the
+    gradients reduced on the step: on steps in between, NorMuon's only.
     While the embedding is tied to the head, it is set to the head's transpose
     after each update, so every reader of the params sees the tied weights.
     """
     _check_kernels_can_train(cfg, mesh)
+    holding = adam_hold.holds_adam_grads(cfg, mesh.size)
+    if holding != (adam_step is not None):
+        raise ValueError(
+            f"adam_step={adam_step}: give it exactly when Adam's gradients wait on each device "
+            f"(here {'they do' if holding else 'they do not'}); `adam_step_of` gives it for a step"
+        )
     mode = schedule.train_mode(cfg, 0) if mode is None else mode
     tx, axis = optim.make_optimizer(cfg), mesh.axis_names[0]
     local_grads = _local_grads(cfg, mesh.axis_names, mode)
     specs = _opt_state_specs(cfg, mesh, tx)
     sharded = cfg.mesh.shard_optimizer
 
-    def local_step(params, opt_state, fp8, batch, step):
+    def local_step(params, opt_state, fp8, held, batch, step):
         lay = layouts(cfg, params)
         w_down_before = params["blocks"]["mlp"]["w_down"]  # the delayed weight scale reads it (fp8_down)
         grads, loss_sum, count, act_amax = local_grads(
             params, batch, schedule.multi_token_weights(cfg, step), fp8
         )
         loss_sum, count = jax.lax.psum((loss_sum, count), axis)
-        grads = jax.tree.map(lambda g, l: sharding.reduce_grad(g, l, axis), grads, lay)
+        waiting = adam_hold.waiting_leaves(grads, held, adam_step)  # Adam's leaves on a step it skips
+        grads, held = adam_hold.hold_grads(grads, held, adam_step)
+        grads = jax.tree.map(
+            lambda g, l, w: adam_hold.owned_zeros(g, l, axis) if w else sharding.reduce_grad(g, l, axis),
+            grads,
+            lay,
+            waiting,
+        )
         if cfg.optim.loss_reduction == "mean":
             grads = jax.tree.map(lambda g: g / count, grads)
         elif cfg.optim.loss_reduction == "rank_mean":  # each rank's summed loss, averaged over ranks
@@ -134,27 +158,36 @@ def make_train_step(cfg: Config, mesh: jax.sharding.Mesh, mode: model.Mode | Non
         owned = jax.tree.map(lambda p, l: sharding.owned_part(p, l, axis), params, lay)
         updates, opt_state = tx.update(grads, opt_state, owned)
         owned = optax.apply_updates(owned, updates)
-        params = jax.tree.map(lambda p, l, q: sharding.gather_param(p, l, axis, q.shape), owned, lay, params)
+        params = jax.tree.map(  # a waiting leaf had no update: it keeps the param it came in with
+            lambda p, l, q, w: q if w else sharding.gather_param(p, l, axis, q.shape),
+            owned,
+            lay,
+            params,
+            waiting,
+        )
         if mode.tied:  # the embedding follows the head it is tied to (record #77 syncs it the same way)
             params["embed"]["tokens"] = params["lm_head"]["w"].T
         if fp8:  # every device sets the same scales: the max activation amax over the mesh
             amax = jax.lax.pmax(act_amax, axis)
             fp8 = mlp_fp8.next_state(amax, w_down_before, params["blocks"]["mlp"]["w_down"], step)
-        return params, opt_state, fp8, {"train_loss": loss_sum / count, "grad_norm": norm}
+        return params, opt_state, fp8, held, {"train_loss": loss_sum / count, "grad_norm": norm}
 
     batch_spec = sharding.batch_sharding(mesh).spec
     sharded_step = jax.shard_map(
-        local_step, mesh=mesh, in_specs=(P(), specs, P(), batch_spec, P()), out_specs=(P(), specs, P(), P())
+        local_step,
+        mesh=mesh,
+        in_specs=(P(), specs, P(), P(axis), batch_spec, P()),
+        out_specs=(P(), specs, P(), P(axis), P()),
     )
 
     lr_factor = optim.lr_factor_of(cfg)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        params, opt_state, fp8, metrics = sharded_step(
-            state.params, state.opt_state, state.fp8, batch, state.step
+        params, opt_state, fp8, held, metrics = sharded_step(
+            state.params, state.opt_state, state.fp8, state.held, batch, state.step
         )
         metrics = {**metrics, "lr_factor": lr_factor(state.step)}  # this update's share of each base lr
-        return TrainState(state.step + 1, params, opt_state, fp8), metrics
+        return TrainState(state.step + 1, params, opt_state, fp8, held), metrics
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -299,22 +332,31 @@ def data_stages(cfg: Config) -> list[data_lib.Stage]:
     return [first, *later]
 
 
-def _compile_stages(state: TrainState, cfg: Config, mesh) -> dict[tuple[Any, tuple[int, ...]], Any]:
-    """Compile the step ahead of time for every (mode, batch shape) of the schedule, keyed by both."""
+def variant_key(cfg: Config, num_devices: int, step: int) -> tuple[Any, tuple[int, ...], bool | None]:
+    """What the step compiled for `step` depends on: (mode, batch shape, `adam_step_of`)."""
+    stage = data_lib.stage_at(step, data_stages(cfg))
+    accum = grad_accum_steps(cfg, num_devices, stage.batch_seqs)
+    shape = (accum, stage.batch_seqs // accum, stage.seq_len)
+    return schedule.train_mode(cfg, step), shape, adam_hold.adam_step_of(cfg, num_devices, step)
+
+
+def _compile_stages(state: TrainState, cfg: Config, mesh) -> dict[tuple[Any, tuple[int, ...], Any], Any]:
+    """Compile the step ahead of time for every variant the schedule runs, keyed by `variant_key`."""
     keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
     split = schedule.split_step(cfg)
     firsts = {*schedule.stage_starts(cfg), *(stage.step for stage in data_stages(cfg))}
     firsts |= {split, split + 1} if split is not None else set()
-    compiled = {}
+    firsts |= {s + 1 for s in firsts}  # both Adam variants of each stretch, where there are two
+    lowered = {}  # tracing and lowering run Python, one variant at a time
     for step in sorted(s for s in firsts if s < cfg.train.steps):
-        stage = data_lib.stage_at(step, data_stages(cfg))
-        accum = grad_accum_steps(cfg, mesh.size, stage.batch_seqs)
-        key = (schedule.train_mode(cfg, step), (accum, stage.batch_seqs // accum, stage.seq_len))
-        if key not in compiled:
+        key = variant_key(cfg, mesh.size, step)
+        if key not in lowered:
             spec = jax.ShapeDtypeStruct(key[1], jnp.int32, sharding=sharding.batch_sharding(mesh))
-            lowered = make_train_step(cfg, mesh, key[0]).lower(state, dict.fromkeys(keys, spec))
-            compiled[key] = lowered.compile()
-    return compiled
+            step_fn = make_train_step(cfg, mesh, key[0], adam_step=key[2])
+            lowered[key] = step_fn.lower(state, dict.fromkeys(keys, spec))
+    # XLA compiles without the GIL: with several threads the variants compile side by side
+    with ThreadPoolExecutor(cfg.train.compile_threads or len(lowered)) as pool:
+        return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values()), strict=True))
 
 
 def make_untie(state: TrainState):
@@ -324,10 +366,12 @@ def make_untie(state: TrainState):
 
     def untie(state: TrainState) -> TrainState:
         # on whole arrays: the copy transposes leaves that ZeRO-1 holds flat and split
-        state = jax.tree.map(
-            lambda x, s: jax.sharding.reshard(x, NamedSharding(s.mesh, P())), state, shardings
+        params, opt_state = jax.tree.map(
+            lambda x, s: jax.sharding.reshard(x, NamedSharding(s.mesh, P())),
+            (state.params, state.opt_state),
+            (shardings.params, shardings.opt_state),
         )
-        params, opt_state = record_optim.untie(state.params, state.opt_state)
+        params, opt_state = record_optim.untie(params, opt_state)
         return state._replace(params=params, opt_state=opt_state)
 
     return jax.jit(untie, out_shardings=shardings, donate_argnums=(0,))
@@ -403,9 +447,10 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     )
     compile_s = time.perf_counter() - t0
 
-    def compiled(state, batch, step=None):  # the step compiled for this step's mode and batch shape
+    def compiled(state, batch, step=None):  # the step compiled for this step's variant
         step = int(state.step) if step is None else step
-        return variants[(schedule.train_mode(cfg, step), batch["inputs"].shape)](state, batch)
+        mode, _, adam_step = variant_key(cfg, mesh.size, step)
+        return variants[(mode, batch["inputs"].shape, adam_step)](state, batch)
 
     state, _ = compiled(state, next_batch(), 0)  # warm-up step, then start again from scratch
     jax.block_until_ready(state)

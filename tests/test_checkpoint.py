@@ -395,9 +395,9 @@ def test_resuming_past_train_steps_is_refused_before_loading_data(shards, tmp_pa
 def test_nonfinite_loss_stops_the_run_naming_the_leaves(shards, tmp_path, monkeypatch):
     make_train_step = train.make_train_step
 
-    def poisoned(cfg, mesh, mode=None):
+    def poisoned(cfg, mesh, mode=None, adam_step=None):
         """The real step, except that it leaves NaNs in blocks/mlp/w_up after step 5."""
-        step = make_train_step(cfg, mesh, mode)
+        step = make_train_step(cfg, mesh, mode, adam_step)
 
         def step_then_poison(state, batch):
             state, metrics = step(state, batch)

@@ -4,7 +4,9 @@ The full recipe at CPU size (width 32, the record's 11-layer plan, windows in bl
 4 steps per stage plus 2 extension steps, on BOS-aligned documents packed as the source packs them.
 One straight run checkpoints every 5 steps; copies of it resumed from step 5 (then crossing a stage
 boundary and the untie step in the resumed process) and from step 10 (restoring the untied state)
-log the same train and val losses, bit for bit.
+log the same train and val losses, bit for bit. On 8 devices the checkpoint at step 5 also holds
+the Adam gradients waiting on each device (step 4 is one Adam skips), and the resume from it is
+bit for bit too.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import numpy as np
 import pytest
 
 from benchmarks import record77_gpu
-from jaxrun import data, schedule, train
-from jaxrun.config import saved_config
+from jaxrun import adam_hold, data, schedule, train
+from jaxrun.config import MeshConfig, saved_config
 from jaxrun.data import BOS
 
 pytestmark = [
@@ -28,12 +30,22 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="bitwise resume is checked on CPU"),
 ]
 PER_STAGE, EXTENSION, CKPT_EVERY = 4, 2, 5
+TOL_8_DEVICES = 1e-3  # bf16 compute: 8 micro-batches on one device against one on each of 8
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The straight run: its config, its run dir, and {step: loss} for train and val records."""
-    tmp = tmp_path_factory.mktemp("record77_resume")
+    yield from _straight_run(tmp_path_factory.mktemp("record77_resume"), devices=1)
+
+
+@pytest.fixture(scope="module")
+def straight_8(tmp_path_factory):
+    """The same run on 8 devices, where Adam's gradients wait on each device between its updates."""
+    yield from _straight_run(tmp_path_factory.mktemp("record77_resume_8"), devices=8)
+
+
+def _straight_run(tmp: Path, devices: int):
     rng = np.random.default_rng(77)
     for name in ("train_000", "train_001", "val_000"):
         docs = [[BOS, *rng.integers(0, 1000, n)] for n in rng.integers(0, 150, 250)]
@@ -42,6 +54,7 @@ def straight(tmp_path_factory):
     cfg = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, model_dim=32),
+        mesh=MeshConfig(num_devices=devices),
         train=dataclasses.replace(
             cfg.train, out_dir=str(tmp / "runs"), ckpt_every=CKPT_EVERY, ckpt_keep=10, val_every=0
         ),
@@ -67,6 +80,19 @@ def test_the_schedule_crosses_stages_and_the_untie_between_checkpoints(straight)
 
 @pytest.mark.parametrize("from_step", [CKPT_EVERY, 2 * CKPT_EVERY])
 def test_resume_logs_the_straight_runs_losses(straight, from_step, tmp_path):
+    _assert_resume_matches(straight, from_step, tmp_path)
+
+
+def test_resume_on_8_devices_restores_the_waiting_adam_gradients(straight, straight_8, tmp_path):
+    cfg, _, losses = straight_8
+    assert adam_hold.adam_step_of(cfg, 8, CKPT_EVERY - 1) is False  # the checkpoint's sums are not empty
+    _assert_resume_matches(straight_8, CKPT_EVERY, tmp_path)
+    one = straight[2]  # and the 8-device run trains as the 1-device run does
+    assert losses.keys() == one.keys()
+    np.testing.assert_allclose([losses[k] for k in one], list(one.values()), rtol=TOL_8_DEVICES)
+
+
+def _assert_resume_matches(straight, from_step, tmp_path):
     _, run_dir, losses = straight
     copy = tmp_path / run_dir.name
     shutil.copytree(run_dir, copy)

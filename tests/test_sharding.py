@@ -1,11 +1,16 @@
 """The sharded (ZeRO-1) step: same maths as one device, state split across devices."""
 
+import dataclasses
+from collections import Counter
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
-from jaxrun import sharding, train
+from jaxrun import adam_hold, model, schedule, sharding, train
 from jaxrun.config import MeshConfig, apply_overrides
 
 from .test_train import _batch, _hidden, _steps
@@ -118,14 +123,9 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(o["w_up_sum"], outs[2]["w_up_sum"], rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_record77_on_8_devices_matches_one():
-    """record77's step (NorMuon on layer-split banks, Adam on flat slices every other step, the
-    rank-mean loss, the tied embedding) gives one device's losses and params on 8 devices."""
-    import dataclasses
-
+def _tiny_record77():
+    """record77 at test size: vocab 256, width 96, 32-token rows, windows in blocks of 8, float32."""
     import launch
-    from jaxrun import schedule
 
     r = dataclasses.replace
     cfg = launch.load_config("record77")
@@ -137,16 +137,60 @@ def test_record77_on_8_devices_matches_one():
         compute_dtype="float32",
         attn=r(cfg.model.attn, windows=r(cfg.model.attn.windows, block=8)),
     )
-    cfg = r(
+    return r(
         cfg,
         model=m,
         optim=r(cfg.optim, muon_ns_dtype="float32"),
         data=r(cfg.data, seq_len=32, max_doc_len=16),
         train=r(cfg.train, progress=False),
     )
+
+
+def _collectives(jaxpr) -> Counter:
+    """Collective primitives in a jaxpr and every jaxpr inside it (shard_map, scan, cond)."""
+    found = Counter()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("reduce_scatter", "all_gather_invariant"):  # psum_scatter, all_gather
+            found[eqn.primitive.name] += 1
+        for v in eqn.params.values():
+            for x in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(x, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+                    found += _collectives(getattr(x, "jaxpr", x))
+    return found
+
+
+def test_record77_moves_adam_leaves_only_on_adam_steps():
+    """On 8 devices the step between Adam's updates reduce-scatters and all-gathers NorMuon's
+    leaves only; Adam's step moves Adam's leaves too, one reduce-scatter and one gather each."""
+    from jaxrun import record_optim
+
+    cfg = _tiny_record77()
+    mesh = sharding.make_mesh(MeshConfig(num_devices=8))
+    state = train.init_state(cfg, jax.random.key(0), mesh)
+    spec = jax.ShapeDtypeStruct((1, 8, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    batch = dict.fromkeys(("inputs", "targets", "segment_ids"), spec)
+    kinds = jax.tree.leaves(record_optim.param_kinds(model.OPTIM_ROWS, state.params))
+    assert sorted(state.held) and len(state.held) == kinds.count("adam")
+    counts = {}
+    for adam_step in (False, True):
+        step = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0), adam_step)
+        counts[adam_step] = _collectives(jax.make_jaxpr(step)(state, batch).jaxpr)
+    for name in ("reduce_scatter", "all_gather_invariant"):
+        assert counts[True][name] - counts[False][name] == kinds.count("adam"), (name, counts)
+        assert counts[False][name] == kinds.count("normuon"), (name, counts)
+    with pytest.raises(ValueError, match="adam_step=None"):
+        train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0))
+
+
+@pytest.mark.slow
+def test_record77_on_8_devices_matches_one():
+    """record77's step (NorMuon on layer-split banks, Adam on flat slices every other step, the
+    rank-mean loss, the tied embedding) gives one device's losses and params on 8 devices, where
+    Adam's gradients wait unreduced on each device between its updates."""
+    r, cfg = dataclasses.replace, _tiny_record77()
     rng = np.random.default_rng(7)
     batches = []
-    for _ in range(2):  # an even step (NorMuon only), then an odd one (Adam too)
+    for _ in range(4):  # even steps (NorMuon only) and odd ones (Adam too, on two steps' gradients)
         tokens = rng.integers(0, 256, (8, 33))
         segments = np.cumsum(rng.random((8, 32)) < 0.1, axis=1)
         batches.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments})
@@ -154,13 +198,22 @@ def test_record77_on_8_devices_matches_one():
     for n in (1, 8):
         mesh = sharding.make_mesh(MeshConfig(num_devices=n))
         state = train.init_state(r(cfg, mesh=MeshConfig(num_devices=n)), jax.random.key(0), mesh)
-        step_fn = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0))
+        assert bool(state.held) == (n == 8)  # 8 devices hold Adam's gradients between its updates
+        variants = [adam_hold.adam_step_of(cfg, n, k) for k in range(len(batches))]
+        assert variants == ([None] * 4 if n == 1 else [False, True, False, True])
+        step_fns = {
+            a: train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0), a) for a in set(variants)
+        }
         losses = []
-        for local in batches:
+        for local, adam_step in zip(batches, variants, strict=True):
             accum = 8 // n
             batch = {k: v.reshape(accum, 8 // accum, 32).astype(np.int32) for k, v in local.items()}
-            state, metrics = step_fn(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)))
+            state, metrics = step_fns[adam_step](
+                state, sharding.global_batch(batch, sharding.batch_sharding(mesh))
+            )
             losses.append(float(metrics["train_loss"]))
+            if adam_step is not None:  # the sums wait until Adam's step, which starts them again
+                assert any(np.any(x) for x in jax.device_get(state.held).values()) != adam_step
         results[n] = (losses, jax.device_get(state.params))
     np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
     # Leaf by leaf, relative to the leaf's norm: Adam's first step is ±lr wherever a gradient is

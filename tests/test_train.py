@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import chex
@@ -156,8 +157,8 @@ def test_print_config(capsys):
     assert json.loads(capsys.readouterr().out)["model"]["embed"]["learned_positions"] is True
 
 
-def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
-    """BOS-aligned rows with segment ids, and a batch-size stage: one compile per shape."""
+def _staged_documents_cfg(tiny_cfg, tmp_path):
+    """Documents mode with a batch-size stage at step 2 (two step variants), on a written shard."""
     rng = np.random.default_rng(1)
     docs = [np.concatenate([[data.BOS], rng.integers(1, 256, rng.integers(5, 120))]) for _ in range(600)]
     data.write_shard(tmp_path / "train_000.bin", np.concatenate(docs).astype(np.uint16))
@@ -176,12 +177,34 @@ def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
             "train.val_every=0",
         ],
     )
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=((2, 16, 64, 32),)))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=((2, 16, 64, 32),)))
+
+
+def test_run_documents_mode_with_stages(tiny_cfg, tmp_path, capsys):
+    """BOS-aligned rows with segment ids, and a batch-size stage: one compile per shape."""
+    cfg = _staged_documents_cfg(tiny_cfg, tmp_path)
     result = train.run(cfg)
     out = capsys.readouterr().out
     assert "for 2 step variant(s)" in out and "step:4/4 val_loss:" in out
     assert np.isfinite(result["val_loss"])
     assert train.tokens_trained(cfg, 4) == 2 * 8 * 64 + 2 * 16 * 64
+
+
+def test_variants_compile_side_by_side_as_one_at_a_time(tiny_cfg, tmp_path):
+    """Threads compile the same programs as one thread does, one per (mode, batch shape)."""
+    cfg = _staged_documents_cfg(tiny_cfg, tmp_path)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state = train.init_state(cfg, jax.random.key(0), mesh)
+    serial = train._compile_stages(state, cfg, mesh)  # the default: one thread
+    threaded = train._compile_stages(state, apply_overrides(cfg, ["train.compile_threads=0"]), mesh)
+    assert list(threaded) == list(serial) and len(serial) == 2
+    for key, program in serial.items():
+        assert _computations(threaded[key].as_text()) == _computations(program.as_text())
+
+
+def _computations(hlo: str) -> str:
+    """The module's computations, without the source locations (they name the caller's lines)."""
+    return re.sub(r", metadata=\{[^}]*\}", "", hlo[hlo.index("\n%") :])
 
 
 def test_documents_mode_refuses_cudnn(tiny_cfg):
