@@ -30,7 +30,6 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="bitwise resume is checked on CPU"),
 ]
 PER_STAGE, EXTENSION, CKPT_EVERY = 4, 2, 5
-TOL_8_DEVICES = 1e-3  # bf16 compute: 8 micro-batches on one device against one on each of 8
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +82,11 @@ def test_resume_logs_the_straight_runs_losses(straight, from_step, tmp_path):
     _assert_resume_matches(straight, from_step, tmp_path)
 
 
-def test_resume_on_8_devices_restores_the_waiting_adam_gradients(straight, straight_8, tmp_path):
-    cfg, _, losses = straight_8
+def test_resume_on_8_devices_restores_the_waiting_adam_gradients(straight_8, tmp_path):
+    """(That 8 devices train as one does is `tests/test_sharding.py`'s check, step by step.)"""
+    cfg = straight_8[0]
     assert adam_hold.adam_step_of(cfg, 8, CKPT_EVERY - 1) is False  # the checkpoint's sums are not empty
     _assert_resume_matches(straight_8, CKPT_EVERY, tmp_path)
-    one = straight[2]  # and the 8-device run trains as the 1-device run does
-    assert losses.keys() == one.keys()
-    np.testing.assert_allclose([losses[k] for k in one], list(one.values()), rtol=TOL_8_DEVICES)
 
 
 def _assert_resume_matches(straight, from_step, tmp_path):
