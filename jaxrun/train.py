@@ -340,15 +340,19 @@ def variant_key(cfg: Config, num_devices: int, step: int) -> tuple[Any, tuple[in
     return schedule.train_mode(cfg, step), shape, adam_hold.adam_step_of(cfg, num_devices, step)
 
 
-def _compile_stages(state: TrainState, cfg: Config, mesh) -> dict[tuple[Any, tuple[int, ...], Any], Any]:
-    """Compile the step ahead of time for every variant the schedule runs, keyed by `variant_key`."""
+def _compile_stages(
+    state: TrainState, cfg: Config, mesh, steps: range | None = None
+) -> dict[tuple[Any, tuple[int, ...], Any], Any]:
+    """Compile the step ahead of time for every variant run at `steps` (default: the whole schedule)
+    and at step 0 (the warm-up's), keyed by `variant_key`."""
+    steps = range(cfg.train.steps) if steps is None else steps
     keys = ("inputs", "targets") if cfg.data.mode == "contiguous" else ("inputs", "targets", "segment_ids")
     split = schedule.split_step(cfg)
-    firsts = {*schedule.stage_starts(cfg), *(stage.step for stage in data_stages(cfg))}
+    firsts = {steps.start, *schedule.stage_starts(cfg), *(stage.step for stage in data_stages(cfg))}
     firsts |= {split, split + 1} if split is not None else set()
     firsts |= {s + 1 for s in firsts}  # both Adam variants of each stretch, where there are two
     lowered = {}  # tracing and lowering run Python, one variant at a time
-    for step in sorted(s for s in firsts if s < cfg.train.steps):
+    for step in sorted({0} | {s for s in firsts if s in steps}):
         key = variant_key(cfg, mesh.size, step)
         if key not in lowered:
             spec = jax.ShapeDtypeStruct(key[1], jnp.int32, sharding=sharding.batch_sharding(mesh))
@@ -440,7 +444,11 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
 
     data_state = stream.get_state()
     t0 = time.perf_counter()
-    variants = _compile_stages(state, cfg, mesh)
+    # Only what this run will reach: from the checkpoint a resume starts at to the end or the pause.
+    newest = checkpoint.step_dirs(ckpt.directory) if resume else []
+    first = int(newest[-1].name) if newest else 0
+    end = cfg.train.stop_after if first < cfg.train.stop_after else cfg.train.steps
+    variants = _compile_stages(state, cfg, mesh, range(first, end))
     split, untie = (
         schedule.split_step(cfg),
         make_untie(state) if schedule.split_step(cfg) is not None else None,
@@ -450,7 +458,11 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     def compiled(state, batch, step=None):  # the step compiled for this step's variant
         step = int(state.step) if step is None else step
         mode, _, adam_step = variant_key(cfg, mesh.size, step)
-        return variants[(mode, batch["inputs"].shape, adam_step)](state, batch)
+        key = (mode, batch["inputs"].shape, adam_step)
+        if key not in variants:  # the resume fell back past a damaged checkpoint to an earlier stage
+            log.info(f"compiling step {step}'s variant, which this run did not expect to reach")
+            variants[key] = make_train_step(cfg, mesh, mode, adam_step).lower(state, batch).compile()
+        return variants[key](state, batch)
 
     state, _ = compiled(state, next_batch(), 0)  # warm-up step, then start again from scratch
     jax.block_until_ready(state)

@@ -6,7 +6,8 @@ One straight run checkpoints every 5 steps; copies of it resumed from step 5 (th
 boundary and the untie step in the resumed process) and from step 10 (restoring the untied state)
 log the same train and val losses, bit for bit. On 8 devices the checkpoint at step 5 also holds
 the Adam gradients waiting on each device (step 4 is one Adam skips), and the resume from it is
-bit for bit too.
+bit for bit too; that run pauses after step 7 (`train.stop_after`), in the second stage, so that it
+compiles four step variants on 8 CPU devices rather than all ten.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def straight(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight_8(tmp_path_factory):
     """The same run on 8 devices, where Adam's gradients wait on each device between its updates."""
-    yield from _straight_run(tmp_path_factory.mktemp("record77_resume_8"), devices=8)
+    yield from _straight_run(tmp_path_factory.mktemp("record77_resume_8"), devices=8, stop_after=CKPT_EVERY + 2)
 
 
-def _straight_run(tmp: Path, devices: int):
+def _straight_run(tmp: Path, devices: int, stop_after: int = 0):
     rng = np.random.default_rng(77)
     for name in ("train_000", "train_001", "val_000"):
         docs = [[BOS, *rng.integers(0, 1000, n)] for n in rng.integers(0, 150, 250)]
@@ -55,7 +56,12 @@ def _straight_run(tmp: Path, devices: int):
         model=dataclasses.replace(cfg.model, model_dim=32),
         mesh=MeshConfig(num_devices=devices),
         train=dataclasses.replace(
-            cfg.train, out_dir=str(tmp / "runs"), ckpt_every=CKPT_EVERY, ckpt_keep=10, val_every=0
+            cfg.train,
+            out_dir=str(tmp / "runs"),
+            ckpt_every=CKPT_EVERY,
+            ckpt_keep=10,
+            val_every=0,
+            stop_after=stop_after,
         ),
     )
     jax.config.update("jax_compilation_cache_dir", str(tmp / "xla_cache"))  # the resumes reuse it
@@ -86,6 +92,9 @@ def test_resume_on_8_devices_restores_the_waiting_adam_gradients(straight_8, tmp
     """(That 8 devices train as one does is `tests/test_sharding.py`'s check, step by step.)"""
     cfg = straight_8[0]
     assert adam_hold.adam_step_of(cfg, 8, CKPT_EVERY - 1) is False  # the checkpoint's sums are not empty
+    assert schedule.stage_starts(cfg)[1] < CKPT_EVERY < cfg.train.stop_after < schedule.stage_starts(cfg)[2]
+    run_log = (straight_8[1] / "log.txt").read_text()
+    assert "for 4 step variant(s)" in run_log  # stage 0's and stage 1's, both Adam variants of each
     _assert_resume_matches(straight_8, CKPT_EVERY, tmp_path)
 
 
