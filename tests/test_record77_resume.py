@@ -3,8 +3,9 @@
 The full recipe at CPU size (width 32, the record's 11-layer plan, windows in blocks of 8 tokens) over
 4 steps per stage plus 2 extension steps, on BOS-aligned documents packed as the source packs them.
 One straight run checkpoints every 5 steps; copies of it resumed from step 5 (then crossing a stage
-boundary and the untie step in the resumed process) and from step 10 (restoring the untied state)
-log the same train and val losses, bit for bit. On 8 devices the checkpoint at step 5 also holds
+boundary and the untie step in the resumed process; its step-10 checkpoint damaged, so that the
+resume falls back and compiles what it did not expect) and from step 10 (restoring the untied
+state) log the same train and val losses, bit for bit. On 8 devices the checkpoint at step 5 also holds
 the Adam gradients waiting on each device (step 4 is one Adam skips), and the resume from it is
 bit for bit too; that run pauses after step 7 (`train.stop_after`), in the second stage, so that it
 compiles four step variants on 8 CPU devices rather than all ten.
@@ -83,9 +84,18 @@ def test_the_schedule_crosses_stages_and_the_untie_between_checkpoints(straight)
     assert starts[1] < CKPT_EVERY < starts[2] <= split < 2 * CKPT_EVERY < cfg.train.steps
 
 
-@pytest.mark.parametrize("from_step", [CKPT_EVERY, 2 * CKPT_EVERY])
-def test_resume_logs_the_straight_runs_losses(straight, from_step, tmp_path):
-    _assert_resume_matches(straight, from_step, tmp_path)
+def test_resume_from_the_untied_state_logs_the_straight_runs_losses(straight, tmp_path):
+    _assert_resume_matches(straight, 2 * CKPT_EVERY, tmp_path)
+
+
+def test_resume_across_a_stage_and_the_untie_past_a_damaged_checkpoint(straight, tmp_path):
+    """The newest checkpoint (step 10, past the untie) is damaged: the resume compiles for steps
+    10 on, falls back to step 5 and compiles stage 1's and stage 2's variants as it reaches them,
+    then logs the straight run's losses."""
+    copy = _assert_resume_matches(straight, CKPT_EVERY, tmp_path, damaged=2 * CKPT_EVERY)
+    run_log = (copy / "log.txt").read_text()
+    assert f"checkpoint {2 * CKPT_EVERY} is damaged" in run_log
+    assert f"compiling step {CKPT_EVERY}'s variant, which this run did not expect to reach" in run_log
 
 
 def test_resume_on_8_devices_restores_the_waiting_adam_gradients(straight_8, tmp_path):
@@ -98,14 +108,20 @@ def test_resume_on_8_devices_restores_the_waiting_adam_gradients(straight_8, tmp
     _assert_resume_matches(straight_8, CKPT_EVERY, tmp_path)
 
 
-def _assert_resume_matches(straight, from_step, tmp_path):
+def _assert_resume_matches(straight, from_step, tmp_path, damaged=None) -> Path:
+    """Resume a copy of the straight run from `from_step` (later checkpoints removed, but for
+    `damaged`, whose largest file is cut in half) and compare its logged losses; returns the copy."""
     _, run_dir, losses = straight
     copy = tmp_path / run_dir.name
     shutil.copytree(run_dir, copy)
     for step_dir in (copy / "checkpoints").iterdir():
-        if step_dir.name.isdigit() and int(step_dir.name) > from_step:
+        if step_dir.name.isdigit() and int(step_dir.name) == damaged:
+            largest = max((f for f in step_dir.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+            largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+        elif step_dir.name.isdigit() and int(step_dir.name) > from_step:
             shutil.rmtree(step_dir)
     train.run(saved_config(copy), resume=str(copy))
     resumed = _losses(copy)
     assert resumed.keys() == losses.keys()
     assert {k: v for k, v in resumed.items() if v != losses[k]} == {}
+    return copy
