@@ -257,6 +257,7 @@ class RunLog:
         self.info(
             f"done: val_loss {result['val_loss']:.4f} (unigram baseline {result['unigram_val_loss']:.4f}) · "
             f"{result['step_avg_ms']:.1f} ms/step · {result['tokens_per_s']:,.0f} tok/s"
+            + (f" · peak {peak:.1f} GiB on device 0" if (peak := result.get("peak_device_gib")) else "")
         )
         self.info(
             f"time: train {result['train_time_ms'] / 1000:.1f}s · compile {result['compile_s']:.1f}s · "

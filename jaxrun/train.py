@@ -401,6 +401,15 @@ def unigram_loss(train_tokens: np.ndarray, val_targets: np.ndarray, vocab_size: 
     return float(-log_probs[val_targets.reshape(-1)].mean())
 
 
+def peak_device_gib() -> float | None:
+    """The most memory this process's first device has held, in GiB (None where the backend keeps
+    no count, as the CPU's does not). With preallocation the pool is reserved up front; this is
+    what the arrays in it took at their peak."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
 def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train `cfg` end to end; returns the final metrics. Logs go to cfg.train.out_dir.
 
@@ -557,6 +566,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
         "tokens_per_s": tokens_trained(cfg, steps) / (train_ms / 1000),
         "ckpt_stall_ms": ckpt.stall_ms,
         "eval_s": eval_s,
+        "peak_device_gib": peak_device_gib(),
     }
     t0 = time.perf_counter()
     if cfg.train.sample_tokens:

@@ -123,6 +123,7 @@ def test_run_end_to_end(tiny_cfg, tmp_path, capsys):
     assert "step:0/6 val_loss:" in out and "step:6/6 val_loss:" in out and "sample:" in out
     assert "train_time:" in out and "step_avg:" in out
     assert result["val_loss"] < result["unigram_val_loss"]
+    assert result["peak_device_gib"] is None  # the CPU backend keeps no count; a GPU reports its peak
     run_dir = result["run_dir"]
     records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
