@@ -47,9 +47,14 @@ def held_state(cfg: Config, params: model.Params, num_devices: int) -> dict:
     return {k: jnp.zeros(num_devices * leaves[k].size, leaves[k].dtype) for k in _adam_paths(params)}
 
 
-def waiting_leaves(grads: model.Params, held: dict, adam_step: bool | None) -> model.Params:
-    """True for each leaf whose gradient waits on its device this step: Adam's, between its updates."""
+def waiting_leaves(
+    grads: model.Params, held: dict, adam_step: bool | None, tied: bool = False
+) -> model.Params:
+    """True for each leaf that moves nothing between devices this step and keeps its param: Adam's,
+    between its updates, and the token embedding while it is tied to the head (its gradient is
+    zero, the tie overwrites it after the update, and the untie gives it the head's moments)."""
     waiting = set(held) if adam_step is False else set()
+    waiting |= {record_optim.EMBEDDING} if tied else set()
     return jax.tree_util.tree_map_with_path(lambda p, _: record_optim.path_of(p) in waiting, grads)
 
 

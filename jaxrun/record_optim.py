@@ -383,8 +383,11 @@ def _transposed_into(src: jax.Array, shape: tuple[int, int], dst: jax.Array) -> 
     return jnp.pad(t, (0, dst.size - t.size)).reshape(dst.shape).astype(dst.dtype)
 
 
+HEAD, EMBEDDING = "lm_head/w", "embed/tokens"  # the leaves the untie parts
+
+
 def untie(
-    params: Any, opt_state: optax.OptState, *, head: str = "lm_head/w", embed: str = "embed/tokens"
+    params: Any, opt_state: optax.OptState, *, head: str = HEAD, embed: str = EMBEDDING
 ) -> tuple[Any, optax.OptState]:
     """Start the embedding from the head: ``embed ← headᵀ``, and Adam's m, v likewise.
 

@@ -140,7 +140,7 @@ def make_train_step(
             params, batch, schedule.multi_token_weights(cfg, step), fp8
         )
         loss_sum, count = jax.lax.psum((loss_sum, count), axis)
-        waiting = adam_hold.waiting_leaves(grads, held, adam_step)  # Adam's leaves on a step it skips
+        waiting = adam_hold.waiting_leaves(grads, held, adam_step, mode.tied)  # leaves that move nothing
         grads, held = adam_hold.hold_grads(grads, held, adam_step)
         grads = jax.tree.map(
             lambda g, l, w: adam_hold.owned_zeros(g, l, axis) if w else sharding.reduce_grad(g, l, axis),
