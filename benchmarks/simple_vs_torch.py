@@ -118,6 +118,7 @@ def run_torch(script: Path, torch_python: str, work: Path, steps: int, val_token
     cmd = [torch_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", edited.name]
     out = run_logged(cmd, work, work / f"torch_{steps}.log")
     wall = time.perf_counter() - t0
+    peak = sampler.stop()
     cumulative = {int(m[1]): float(m[3]) for m in STEP_LINE.finditer(out)}
     times = [1000 * (cumulative[s] - cumulative.get(s - 1, 0.0)) for s in sorted(cumulative)]
     steady = sorted(times[SKIP:])[len(times[SKIP:]) // 2] if times[SKIP:] else float("nan")
