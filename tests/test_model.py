@@ -1,5 +1,6 @@
 """The functional GPT: shapes, finiteness, causality, and the loss at init."""
 
+import dataclasses
 import math
 
 import chex
@@ -8,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import launch
 from jaxrun import model
 from jaxrun.config import AttentionConfig, EmbedConfig, HeadConfig, KernelConfig, MLPConfig, ModelConfig
+from jaxrun.model import embeddings
 
 TINY = {"num_layers": 2, "model_dim": 64, "head_dim": 16, "vocab_size": 256, "max_seq_len": 64}
 SIMPLE_STYLE = ModelConfig(**TINY, compute_dtype="float32")
@@ -169,3 +172,30 @@ def test_default_mode_is_the_final_validation_of_a_finished_run():
     cfg = record77.get_config()
     assert model.default_mode(cfg) == schedule.eval_mode(cfg, cfg.train.steps)
     assert model.default_mode(cfg).windows == (6, 20)
+
+
+def test_bf16_token_embedding_gradient_sums_in_float32():
+    """One token 4,096 times: in bf16 its embedding row's gradient is still the float32 one.
+
+    The row is gathered in float32 and cast after, so its gradient sums in float32, as PyTorch's
+    GPU embedding backward does. Cast first and the gather's transpose is a bf16 scatter-add:
+    once the sum is 256 times a term, each further term rounds away (89% off here).
+    """
+    cfg = dataclasses.replace(
+        launch.load_config("simple").model, model_dim=64, head_dim=16, vocab_size=256, num_layers=2
+    )
+    params = model.init(jax.random.key(0), cfg)
+    tokens = jnp.zeros((4, 1024), jnp.int32)
+    weights = (jnp.arange(64, dtype=jnp.float32) / 64)[None, None]
+
+    def row_gradient(dtype):
+        c = dataclasses.replace(cfg, compute_dtype=dtype)
+
+        def f(table):
+            x0, _ = embeddings.embed(params | {"embed": {"tokens": table}}, tokens, c, model.default_mode(c))
+            return jnp.sum(x0.astype(jnp.float32) * weights)
+
+        return np.asarray(jax.grad(f)(params["embed"]["tokens"])[0])
+
+    bf16, f32 = row_gradient("bfloat16"), row_gradient("float32")
+    assert np.max(np.abs(bf16 - f32)) <= 2e-2 * np.max(np.abs(f32))

@@ -250,6 +250,44 @@ def test_same_params_after_three_steps(recipe):
         assert_close_per_param(got, want, PARAM_TOL, f"params after step {step + 1}")
 
 
+BF16_LOSS_RTOL = 1e-2
+BF16_GRAD_TOL = 1e-1  # bf16 rounds each activation to 2^-8 of its size; both sides round in their own order
+SMALL = 0.02  # the scale of the inputs of the norms in the bf16 check (see there)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_bf16_loss_and_gradients(recipe):
+    """In bf16, as the recipes train, with the norms' inputs small.
+
+    The token embedding (and, with QK norm, the query and key weights) are scaled down so that
+    mean(x²) at the embedding norm and the QK norm lies far below bf16's epsilon (2⁻⁷): a norm
+    that added bf16's epsilon instead of float32's, as PyTorch's `F.rms_norm` uses for bf16
+    inputs, shrinks its output several-fold there. Each token also repeats across the batch, so that the token
+    embedding's gradient sums many bf16 terms: jaxrun gathers rows in float32 and casts after,
+    so that sum runs in float32 as PyTorch's does.
+    """
+    base = tiny(recipe)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, compute_dtype="bfloat16"))
+    params = perturbed_params(cfg)
+    small = (
+        ("embed/tokens", "blocks/attn/w_q", "blocks/attn/w_k")
+        if cfg.model.attn.qk_norm
+        else ("embed/tokens",)
+    )
+    for path in small:
+        params[path] = (SMALL * params[path]).astype(np.float32)
+    rows = token_rows(cfg) % 16  # 16 distinct tokens: each repeats about 16 times a row
+    loss, grads = jax_loss_and_grads(cfg, params, rows)
+    answer = run_torch(cfg, "grads", params, rows)
+    np.testing.assert_allclose(float(answer["loss"]), loss, rtol=BF16_LOSS_RTOL)
+    torch_grads = {k.removeprefix("grads/"): v for k, v in answer.items() if k.startswith("grads/")}
+    largest = max(np.abs(g).max() for g in grads.values())
+    for path in ZERO_GRADIENT[recipe]:
+        for side in (grads, torch_grads):
+            assert np.abs(side.pop(path)).max() <= 1e-2 * largest, path
+    assert_close_per_param(torch_grads, grads, BF16_GRAD_TOL, "bf16 gradients")
+
+
 # --- the benchmark, end to end on the CPU ----------------------------------------------------
 
 
