@@ -220,16 +220,21 @@ def jax_train(cfg, params, batches):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_same_loss_and_gradients(recipe):
     cfg = tiny(recipe)
-    params, rows = perturbed_params(cfg), token_rows(cfg)
+    assert_twin_loss_and_grads(cfg, perturbed_params(cfg), token_rows(cfg), LOSS_RTOL, GRAD_TOL, NOISE)
+
+
+def assert_twin_loss_and_grads(cfg, params, rows, loss_rtol, grad_tol, noise, what="gradients") -> None:
+    """jaxrun and the twin give the same loss and gradients; a leaf whose gradient is zero in
+    exact arithmetic (`ZERO_GRADIENT`) stays below `noise` of the largest gradient on both sides."""
     loss, grads = jax_loss_and_grads(cfg, params, rows)
     answer = run_torch(cfg, "grads", params, rows)
-    np.testing.assert_allclose(float(answer["loss"]), loss, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(float(answer["loss"]), loss, rtol=loss_rtol)
     torch_grads = {k.removeprefix("grads/"): v for k, v in answer.items() if k.startswith("grads/")}
     largest = max(np.abs(g).max() for g in grads.values())
-    for path in ZERO_GRADIENT[recipe]:
+    for path in ZERO_GRADIENT[cfg.name]:
         for side in (grads, torch_grads):
-            assert np.abs(side.pop(path)).max() <= NOISE * largest, path
-    assert_close_per_param(torch_grads, grads, GRAD_TOL, "gradients")
+            assert np.abs(side.pop(path)).max() <= noise * largest, path
+    assert_close_per_param(torch_grads, grads, grad_tol, what)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -262,9 +267,9 @@ def test_bf16_loss_and_gradients(recipe):
     The token embedding (and, with QK norm, the query and key weights) are scaled down so that
     mean(x²) at the embedding norm and the QK norm lies far below bf16's epsilon (2⁻⁷): a norm
     that added bf16's epsilon instead of float32's, as PyTorch's `F.rms_norm` uses for bf16
-    inputs, shrinks its output several-fold there. Each token also repeats across the batch, so that the token
-    embedding's gradient sums many bf16 terms: jaxrun gathers rows in float32 and casts after,
-    so that sum runs in float32 as PyTorch's does.
+    inputs, shrinks its output several-fold there. Each token also repeats across the batch, so
+    that the token embedding's gradient sums many bf16 terms: jaxrun gathers rows in float32 and
+    casts after, so that sum runs in float32 as PyTorch's does.
     """
     base = tiny(recipe)
     cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, compute_dtype="bfloat16"))
@@ -277,15 +282,7 @@ def test_bf16_loss_and_gradients(recipe):
     for path in small:
         params[path] = (SMALL * params[path]).astype(np.float32)
     rows = token_rows(cfg) % 16  # 16 distinct tokens: each repeats about 16 times a row
-    loss, grads = jax_loss_and_grads(cfg, params, rows)
-    answer = run_torch(cfg, "grads", params, rows)
-    np.testing.assert_allclose(float(answer["loss"]), loss, rtol=BF16_LOSS_RTOL)
-    torch_grads = {k.removeprefix("grads/"): v for k, v in answer.items() if k.startswith("grads/")}
-    largest = max(np.abs(g).max() for g in grads.values())
-    for path in ZERO_GRADIENT[recipe]:
-        for side in (grads, torch_grads):
-            assert np.abs(side.pop(path)).max() <= 1e-2 * largest, path
-    assert_close_per_param(torch_grads, grads, BF16_GRAD_TOL, "bf16 gradients")
+    assert_twin_loss_and_grads(cfg, params, rows, BF16_LOSS_RTOL, BF16_GRAD_TOL, 1e-2, "bf16 gradients")
 
 
 # --- the benchmark, end to end on the CPU ----------------------------------------------------
