@@ -8,15 +8,22 @@ N·V·4 bytes (13 GB for a 64-sequence micro-batch), and the profile of
 `simple` spent about 170 ms a step on them. Here the only `[N, V]` tensors
 are bf16:
 
-- forward: the head GEMM writes bf16 logits `z` (kept for the backward),
-  then one reduction fusion reads them once for the log-sum-exp. Both caps
-  are bounded by `c`, so `c` is a fixed shift and no max pass is needed
-  (exp(s - c) lies in (e^-2c, 1]).
-- backward: one elementwise fusion reads `z` and writes bf16 `dL/dz`
-  (softmax minus one-hot, times the cap's derivative, times the incoming
-  gradient); the bias gradient is a column sum of that bf16 `dL/dz`, which
-  XLA can emit from the same fusion; then the two GEMMs `dh = dz·Wᵀ` and
-  `dW = hᵀ·dz`.
+- forward: the head GEMM writes bf16 logits `h·W` without the bias; they
+  are what the backward keeps. One reduction fusion reads them once, adds
+  the bias in registers and sums the log-sum-exp. Saving the biased logits
+  instead would make that fusion write a second [N, V] bf16 tensor. Both
+  caps are bounded by `c`, so `c` is a fixed shift and no max pass is
+  needed (exp(s - c) lies in (e^-2c, 1]).
+- backward: one elementwise fusion reads `h·W`, adds the bias again and
+  writes bf16 `dL/dz` (softmax minus one-hot, times the cap's derivative,
+  times the incoming gradient); the bias gradient is a column sum that reads
+  that bf16 `dL/dz` back; then the two GEMMs `dh = dz·Wᵀ` and `dW = hᵀ·dz`.
+
+On an H100, keeping `h·W` rather than the biased logits, and the barrier
+that makes the backward write `dL/dz` in bf16 only, took `simple`'s step
+from 1081 to 1034 ms of kernel time (docs/PERF.md, 2026-12-06). Taking the bias's gradient from the `dW` GEMM
+instead (`h` with a column of ones) was slower: XLA then runs that GEMM as a
+Triton fusion at 1138 ms a step.
 
 The numerics are the plain path's: bf16 logits with the bias added in bf16,
 the cap and softmax in float32, the logit gradient rounded to bf16 before
@@ -44,18 +51,19 @@ def _cap(z: jax.Array, cap: str, c: float) -> tuple[jax.Array, jax.Array]:
     return c * t, 1.0 - t * t
 
 
-def _logits(h_ND, w_DV, b_V):
-    z_NV = h_ND @ w_DV.astype(h_ND.dtype)
-    return z_NV if b_V is None else z_NV + b_V.astype(h_ND.dtype)[None]
+def _add_bias(zraw_NV, b_V):
+    """The logits `h·W + b` from `h·W`, the bias added in the logits' dtype."""
+    return zraw_NV if b_V is None else zraw_NV + b_V.astype(zraw_NV.dtype)[None]
 
 
 def _forward(h_ND, w_DV, b_V, targets_N, cap, c):
-    z_NV = _logits(h_ND, w_DV, b_V)
+    zraw_NV = h_ND @ w_DV.astype(h_ND.dtype)
+    z_NV = _add_bias(zraw_NV, b_V)
     s_NV, _ = _cap(z_NV.astype(_F32), cap, c)
     lse_N = c + jnp.log(jnp.sum(jnp.exp(s_NV - c), axis=-1))
     z_target_N = jnp.take_along_axis(z_NV, jnp.maximum(targets_N, 0)[:, None], axis=-1)[:, 0]
     s_target_N, _ = _cap(z_target_N.astype(_F32), cap, c)
-    return jnp.where(targets_N >= 0, lse_N - s_target_N, 0.0), (z_NV, lse_N)
+    return jnp.where(targets_N >= 0, lse_N - s_target_N, 0.0), (zraw_NV, lse_N)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -64,21 +72,24 @@ def _softcap_ce(h_ND, w_DV, b_V, targets_N, cap, c):
 
 
 def _softcap_ce_fwd(h_ND, w_DV, b_V, targets_N, cap, c):
-    losses_N, (z_NV, lse_N) = _forward(h_ND, w_DV, b_V, targets_N, cap, c)
-    return losses_N, (h_ND, w_DV, b_V, targets_N, z_NV, lse_N)
+    losses_N, (zraw_NV, lse_N) = _forward(h_ND, w_DV, b_V, targets_N, cap, c)
+    return losses_N, (h_ND, w_DV, b_V, targets_N, zraw_NV, lse_N)
 
 
 def _softcap_ce_bwd(cap, c, res, g_N):
-    h_ND, w_DV, b_V, targets_N, z_NV, lse_N = res
+    h_ND, w_DV, b_V, targets_N, zraw_NV, lse_N = res
     # Without the barrier XLA merges this recomputed cap with the forward's (one jit holds both)
     # and keeps the float32 capped logits alive from the forward to here.
-    z_NV, lse_N = jax.lax.optimization_barrier((z_NV, lse_N))
+    zraw_NV, lse_N = jax.lax.optimization_barrier((zraw_NV, lse_N))
+    z_NV = _add_bias(zraw_NV, b_V)
     g_N = jnp.where(targets_N >= 0, g_N.astype(_F32), 0.0)
     s_NV, ds_dz_NV = _cap(z_NV.astype(_F32), cap, c)
     p_NV = jnp.exp(s_NV - lse_N[:, None])
     is_target_NV = jax.lax.broadcasted_iota(jnp.int32, z_NV.shape, 1) == targets_N[:, None]
     dz_NV = (jnp.where(is_target_NV, p_NV - 1.0, p_NV) * ds_dz_NV) * g_N[:, None]
-    dz_bf_NV = dz_NV.astype(h_ND.dtype)
+    # The barrier makes this one elementwise fusion that writes bf16 dL/dz: left to itself XLA writes
+    # it in float32 (13 GB a 64-sequence micro-batch) and reads that back for the bias's column sum.
+    dz_bf_NV = jax.lax.optimization_barrier(dz_NV.astype(h_ND.dtype))
     dh_ND = dz_bf_NV @ w_DV.astype(h_ND.dtype).T
     dw_DV = jax.lax.dot_general(h_ND, dz_bf_NV, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
     db_V = None if b_V is None else jnp.sum(dz_bf_NV.astype(_F32), axis=0).astype(b_V.dtype)
@@ -116,7 +127,7 @@ def softcap_ce(
 
 def softcap_ce_reference(h_ND, w_DV, targets_N, b_V=None, *, cap="isru", cap_value=15.0) -> jax.Array:
     """Plain-jnp autodiff of the same function: the path `model.kernels.loss="xla"` runs."""
-    z_NV = _logits(h_ND, w_DV, b_V).astype(_F32)
+    z_NV = _add_bias(h_ND @ w_DV.astype(h_ND.dtype), b_V).astype(_F32)
     s_NV, _ = _cap(z_NV, cap, float(cap_value))
     s_target_N = jnp.take_along_axis(s_NV, jnp.maximum(targets_N, 0)[:, None], axis=-1)[:, 0]
     return jnp.where(targets_N >= 0, jax.nn.logsumexp(s_NV, axis=-1) - s_target_N, 0.0)
