@@ -21,9 +21,9 @@ are bf16:
 
 On an H100, keeping `h·W` rather than the biased logits, and the barrier
 that makes the backward write `dL/dz` in bf16 only, took `simple`'s step
-from 1081 to 1034 ms of kernel time (docs/PERF.md, 2026-12-06). Taking the bias's gradient from the `dW` GEMM
-instead (`h` with a column of ones) was slower: XLA then runs that GEMM as a
-Triton fusion at 1138 ms a step.
+from 1081 to 1034 ms of kernel time (docs/PERF.md, 2026-12-06). Taking the
+bias's gradient from the `dW` GEMM instead (`h` with a column of ones) was
+slower, 1138 ms a step: XLA then runs that GEMM as a Triton fusion.
 
 The numerics are the plain path's: bf16 logits with the bias added in bf16,
 the cap and softmax in float32, the logit gradient rounded to bf16 before
