@@ -18,9 +18,14 @@ the last 100 steps' pace over the first 100's, peak device memory, compile
 time (jaxrun's AOT compile; for the script its first step beyond a steady
 one), and the val losses at every step both sides validated.
 
+Each run writes simple_vs_torch.json and, where both sides ran, simple_vs_torch.png (ms/step
+over the run, and the val losses, of both sides).
+
 Usage (on the GPU machine, from the repo root):
   python benchmarks/simple_vs_torch.py --script /path/to/train_gpt_simple.py --steps 75 300 \\
       [--torch-python python3] [--data-xz ../shared/data/offline_english] [--out DIR]
+  # one side per call where calls are time-limited, then the table and plot of both (no GPU needed):
+  python benchmarks/simple_vs_torch.py --merge torch_dir/simple_vs_torch.json jax_dir/simple_vs_torch.json --out DIR
 """
 
 from __future__ import annotations
@@ -195,6 +200,64 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path]) -> dict:
+    """The runs of several simple_vs_torch.json files, by step count and side; a side twice is an error."""
+    results: dict[int, dict] = {}
+    origin: dict[tuple[int, str], Path] = {}
+    for path in paths:
+        try:
+            runs = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"error: cannot read {path}: {e}") from None
+        for steps, sides in runs.items():
+            for side, r in sides.items():
+                if (int(steps), side) in origin:
+                    raise SystemExit(
+                        f"error: {steps} steps of {side} are in both {origin[int(steps), side]} and {path}; "
+                        "merge one run per side"
+                    )
+                origin[int(steps), side] = path
+                val = {int(k): v for k, v in r["val"].items()}  # JSON keeps the val steps as strings
+                results.setdefault(int(steps), {})[side] = r | {"val": val}
+    return {steps: dict(sorted(results[steps].items(), reverse=True)) for steps in sorted(results)}
+
+
+def plot(results: dict, path: Path) -> None:
+    """ms/step against step (the compile steps left out) and the val losses, both sides, one column per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(7 * len(results), 7), squeeze=False)
+    for (steps, sides), (pace_ax, val_ax) in zip(results.items(), axes.T, strict=True):
+        for side, r in sides.items():
+            ms = r["step_ms"]
+            label = f"{side} ({pace(ms)['ms_per_step']:.1f} ms mean)"
+            (line,) = pace_ax.plot(range(SKIP + 1, len(ms) + 1), ms[SKIP:], lw=0.8, label=label)
+            points = sorted((s, v) for s, v in r["val"].items() if s > 0)
+            val_ax.plot(*zip(*points, strict=True), "o-", color=line.get_color(), mfc="none", label=side)
+        pace_ax.set(title=f"{steps} steps: ms/step", xlabel="step", ylabel="ms/step")
+        val_ax.set(title="val loss", xlabel="step", ylabel="loss (nats/token)")
+        for ax in (pace_ax, val_ax):
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict, out: Path) -> None:
+    """The table of every run, its JSON, and the plot where a run has both sides."""
+    (out / "simple_vs_torch.json").write_text(json.dumps(results, indent=2))
+    print("\n" + table(results))
+    both = {steps: sides for steps, sides in results.items() if len(sides) == 2}
+    if both:
+        plot(both, out / "simple_vs_torch.png")
+        print(f"wrote {out / 'simple_vs_torch.png'}")
+    print(f"wrote {out / 'simple_vs_torch.json'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--script", type=Path, help="a copy of records/track_3_optimization/train_gpt_simple.py")
@@ -213,8 +276,18 @@ def main() -> None:
         default=["torch", "jaxrun"],
         help="one side per call where a call's time is limited (300 steps take ~6 min a side)",
     )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="combine the simple_vs_torch.json of earlier runs (one side each) into one table and plot; runs nothing",
+    )
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        report(merge(a.merge), a.out)
+        return
     shards = unpack(a.data_xz, a.out)
     results = {}
     for steps in a.steps:
@@ -243,8 +316,7 @@ def main() -> None:
             str(a.out / "profile"),
         ]
         print(run_logged(cmd, REPO, a.out / "profile.log")[-2500:])
-    print("\n" + table(results))
-    print(f"wrote {a.out / 'simple_vs_torch.json'}")
+    report(results, a.out)
 
 
 if __name__ == "__main__":
