@@ -90,10 +90,10 @@ class MemorySampler:
         return max(values) / 1024 if values else float("nan")
 
 
-def run_logged(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> str:
+def run_logged(cmd: list[str], cwd: Path, log: Path) -> str:
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
+        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, check=False)
     text = log.read_text()
     if proc.returncode:
         print(text[-3000:])
@@ -148,10 +148,9 @@ def run_jax(work: Path, steps: int, val_tokens: int, globs) -> dict:
     ]
     # jaxrun as users run it, with XLA's preallocated pool (without it, fragmentation runs an H100 out
     # of memory); the peak is what its arrays took (result.json), not the pool nvidia-smi shows
-    env = dict(os.environ)
     t0 = time.perf_counter()
     cmd = [sys.executable, "launch.py", "--config", "simple", *[a for s in sets for a in ("--set", s)]]
-    out = run_logged(cmd, REPO, work / f"jax_{steps}.log", env)
+    out = run_logged(cmd, REPO, work / f"jax_{steps}.log")
     wall = time.perf_counter() - t0
     run_dir = Path(re.search(r"run dir (\S+)", out).group(1))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
