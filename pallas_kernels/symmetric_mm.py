@@ -106,7 +106,9 @@ def _strip_product(a_ref, b_ref, *, block_k: int, rows: bool) -> jax.Array:
     precision = _precision(a_ref.dtype)
 
     def product(k):
-        ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
+        # The first slice's start is a Python 0, which multiple_of cannot annotate on the GPU.
+        start = k * block_k if isinstance(k, int) else pl.multiple_of(k * block_k, block_k)
+        ks = pl.ds(start, block_k)
         a, b = (a_ref[ks, :], b_ref[ks, :]) if rows else (a_ref[:, ks], b_ref[:, ks])
         return lax.dot_general(a, b, _TN if rows else _NT, precision=precision, preferred_element_type=_F32)
 
