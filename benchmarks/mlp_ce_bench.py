@@ -189,7 +189,7 @@ def run_parts(log):
     (x, w1, w2, _), _ = mlp_inputs(49152, bias=False)
     (xc, w, t, _), _ = ce_inputs(49152)
     bs = mlp_lib._fit(mlp_lib.BlockSizes.get_default(), 49152, D, F, 2)
-    cst = ce_lib._Static("isru", 15.0, V, ce_lib._fit(ce_lib.BlockSizes.get_default(), 49152, D, V, 2), False)
+    cst = ce_lib._Static("isru", 15.0, V, ce_lib._fit(ce_lib.BlockSizes.get_default(), 49152, D, V, 2), False, False)
     parts = {
         "mlp gemm x@w1 (cuBLAS, bf16 out)": (lambda x, w1: x @ w1, (x, w1), 2 * 49152 * D * F),
         "mlp xla fwd": (mlp_xla, (x, w1, w2), 4 * 49152 * D * F),
