@@ -171,6 +171,8 @@ class KernelConfig:
     # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
     # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
     loss: Literal["xla", "xla_fused", "pallas"] = "xla"
+    # "pallas": RMSNorm's backward and the residual stream's gradient in one pass (pallas_kernels/rms_norm_bwd.py)
+    norm: Literal["xla", "pallas"] = "xla"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,6 +211,7 @@ class ModelConfig:
         )
         check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
         check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
+        check_choice(node + ".kernels", "norm", self.kernels.norm, ("xla", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
         check(
@@ -222,6 +225,11 @@ class ModelConfig:
         check(
             self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
             f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
+        )
+        check(
+            self.kernels.norm == "xla" or (self.norm == "rmsnorm" and self.model_dim % 16 == 0),
+            f"model.kernels.norm='pallas' is RMSNorm's backward over a width that is a multiple of 16, "
+            f"not model.norm={self.norm!r} with model.model_dim={self.model_dim}",
         )
         for field in ("fp8_up", "fp8_down"):
             check(

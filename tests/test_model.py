@@ -139,6 +139,33 @@ def test_pallas_impls_match_xla():
     chex.assert_trees_all_close(grads_pallas, grads_xla, rtol=2e-2, atol=2e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pallas_norm_matches_xla(dtype):
+    """The fused RMSNorm backward (interpreted on CPU) gives autodiff's gradients: same loss, and
+    every gradient within a few roundings (bf16: the stream's gradient is rounded as autodiff does)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2", compute_dtype=dtype)
+    fused = dataclasses.replace(cfg, kernels=KernelConfig(norm="pallas"))
+    params = model.init(jax.random.key(12), cfg)
+    batch = {"inputs": tokens(14), "targets": tokens(15)}
+    loss_xla, grads_xla = jax.value_and_grad(model.loss)(params, batch, cfg)
+    loss_pallas, grads_pallas = jax.value_and_grad(model.loss)(params, batch, fused)
+    assert loss_pallas == loss_xla  # the forward is the same XLA
+    tol = {"float32": 1e-6, "bfloat16": 1.5e-2}[dtype]
+    for path, g in jax.tree_util.tree_leaves_with_path(grads_xla):
+        got = _at(grads_pallas, path)
+        scale = float(jnp.max(jnp.abs(g))) or 1.0
+        err = float(jnp.max(jnp.abs(got - g))) / scale
+        assert err <= tol, f"{jax.tree_util.keystr(path)}: {err:.3g} of max {scale:.3g}"
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
 def test_kernel_switches_are_validated():
     from jaxrun.config import ConfigError
 
@@ -146,6 +173,8 @@ def test_kernel_switches_are_validated():
         ModelConfig(kernels=KernelConfig(mlp="pallas"), mlp=MLPConfig(activation="gelu"))
     with pytest.raises(ConfigError, match="kernels.loss='pallas' supports softcap 'isru'"):
         ModelConfig(kernels=KernelConfig(loss="pallas"), head=HeadConfig(softcap="tanh"))
+    with pytest.raises(ConfigError, match="kernels.norm='pallas' is RMSNorm's backward"):
+        ModelConfig(kernels=KernelConfig(norm="pallas"), norm="layernorm")
 
 
 def test_eval_losses_in_chunks_equal_whole(monkeypatch):

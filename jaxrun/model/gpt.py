@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxrun.config import Config, ModelConfig
-from jaxrun.model import attention, embeddings, head, mlp, residual
+from jaxrun.model import attention, embeddings, head, kernels, mlp, residual
 from jaxrun.model.attention import Mode
-from jaxrun.model.layers import Initializer, Params, mul, norm
+from jaxrun.model.layers import Initializer, Params, mul, norm, stream_norm
 from jaxrun.model.plan import LayerPlan, layer_plan
 
 
@@ -62,15 +62,18 @@ def _layer(
     `layer` holds this layer's slices of the stacked block params (see `layer_params`), `fp8`
     this layer's row of the MLP's delayed FP8 scales, if any.
     """
+    fused_bwd = kernels.rms_norm_bwd(cfg)
     if lp.skip_in:
         x_BTD = x_BTD + mul(ctx["skip"], residual.skip_gate(res, ctx["x0"]))
     elif lp.attn_slot is not None:
-        source = ctx["saved"] if lp.reads_saved else x_BTD
-        h_BTD = norm(source, layer.get("attn_norm", {}), cfg)
+        if lp.reads_saved:
+            h_BTD = norm(ctx["saved"], layer.get("attn_norm", {}), cfg)
+        else:
+            x_BTD, h_BTD = stream_norm(x_BTD, layer.get("attn_norm", {}), cfg, fused_bwd)
         ve = ctx["ve"][lp.value_table] if lp.value_table is not None else None
         a_BTD = attention.forward(layer["attn"], h_BTD, lp, cfg, mode, ctx["segment_ids"], ve)
         x_BTD = residual.after_attention(res, lp.index, x_BTD, a_BTD, ctx["x0"], ctx["bigram"])
-    h_BTD = norm(x_BTD, layer.get("mlp_norm", {}), cfg)
+    x_BTD, h_BTD = stream_norm(x_BTD, layer.get("mlp_norm", {}), cfg, fused_bwd)
     return residual.after_mlp(res, lp.index, x_BTD, mlp.forward(layer["mlp"], h_BTD, cfg, mode, fp8))
 
 

@@ -8,6 +8,7 @@ GPT-2's 1e-5.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -80,6 +81,38 @@ def _rms_norm_bwd(res, g):
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def stream_norm(x: jax.Array, p: Params, cfg: ModelConfig, fused_bwd=None) -> tuple[jax.Array, jax.Array]:
+    """`(x, norm(x))`: the residual stream and a sublayer's normed input.
+
+    `fused_bwd` (`kernels.rms_norm_bwd`), if given, computes the norm's backward and adds the
+    stream's gradient from above in one kernel; else autodiff sums the two in XLA.
+    """
+    if fused_bwd is None:
+        return x, norm(x, p, cfg)
+    return _rms_norm_fork(x, p.get("gain"), fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm_fork(x, gain, fused_bwd):
+    return x, _rms_norm_fwd(x, gain)[0]
+
+
+def _rms_norm_fork_fwd(x, gain, fused_bwd):
+    y, res = _rms_norm_fwd(x, gain)
+    return (x, y), res
+
+
+def _rms_norm_fork_bwd(fused_bwd, res, cotangents):
+    x, gain, rstd = res
+    r, g = cotangents  # dL/d(stream), dL/d(norm(x))
+    d = x.shape[-1]
+    dx, dgain = fused_bwd(x.reshape(-1, d), g.reshape(-1, d), r.reshape(-1, d), rstd.reshape(-1), gain)
+    return dx.reshape(x.shape), dgain
+
+
+_rms_norm_fork.defvjp(_rms_norm_fork_fwd, _rms_norm_fork_bwd)
 
 
 def init_norm(cfg: ModelConfig, *lead_shape: int) -> Params:

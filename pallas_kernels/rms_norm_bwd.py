@@ -1,0 +1,114 @@
+"""RMSNorm's backward and the residual stream's gradient in one Pallas pass.
+
+A sublayer reads the residual stream `x` twice: through its norm, `y = x·rstd·gain` with
+`rstd = 1/sqrt(mean(x²) + eps)`, and through the skip path. Its gradient is therefore
+`r + dx`, where `r` is the gradient that reached the stream from above and
+
+    xhat = x·rstd,   gy = g·gain,   dx = rstd·(gy − xhat·mean(gy·xhat)),   dgain = Σ_rows g·xhat
+
+for the norm's output gradient `g`. XLA splits this into a row-reduction fusion (the mean) and
+a multi-output fusion that writes `r + dx` and the gain's column sums; the second runs at about
+a third of the card's memory bandwidth (docs/PERF.md). Here one program owns a block of rows:
+it reads `x`, `g` and `r` once, keeps the rows in registers for the row mean, writes `r + dx`
+and its rows' partial `dgain`. XLA sums the partials (`[N / block_rows, D]`, float32).
+
+`dx` is rounded to the stream's dtype before it is added to `r`, as autodiff (and torch, which
+accumulates the stream's gradient in bf16) does it. Rows are loaded in power-of-two column
+slices, as Triton wants, so D may be any multiple of 16 (768 is three slices of 256).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.shapes import out_struct
+
+_F32 = jnp.float32
+
+
+def reference(x_ND, g_ND, r_ND, rstd_N, gain_D):
+    """`(r + dx, dgain)` in plain JAX: the function the kernel computes (dgain None without a gain)."""
+    xhat = x_ND.astype(_F32) * rstd_N[:, None]
+    gf = g_ND.astype(_F32)
+    gy = gf if gain_D is None else gf * gain_D.astype(_F32)[None]
+    dx = rstd_N[:, None] * (gy - xhat * jnp.mean(gy * xhat, axis=1, keepdims=True))
+    out = (r_ND.astype(_F32) + dx.astype(r_ND.dtype).astype(_F32)).astype(r_ND.dtype)
+    return out, None if gain_D is None else jnp.sum(gf * xhat, axis=0).astype(gain_D.dtype)
+
+
+def _column_slices(d: int) -> list[pl.Slice]:
+    width = min(d & -d, 256)  # the largest power of two dividing D, at most 256
+    if width < 16:
+        raise ValueError(f"rms_norm_bwd: the width D = {d} must be a multiple of 16")
+    return [pl.ds(c, width) for c in range(0, d, width)]
+
+
+def _kernel(x_ref, g_ref, r_ref, rstd_ref, *refs, has_gain: bool):
+    gain_ref, out_ref, dgain_ref = refs if has_gain else (None, *refs, None)
+    cols = _column_slices(x_ref.shape[1])
+    rstd = rstd_ref[...][:, None]
+    xhat = [x_ref[:, c].astype(_F32) * rstd for c in cols]
+    g = [g_ref[:, c].astype(_F32) for c in cols]
+    gy = [gi * gain_ref[c].astype(_F32)[None, :] for gi, c in zip(g, cols)] if has_gain else g
+    mean = sum(jnp.sum(a * b, axis=1, keepdims=True) for a, b in zip(gy, xhat)) / x_ref.shape[1]
+    for c, a, b in zip(cols, gy, xhat):
+        dx = (rstd * (a - b * mean)).astype(out_ref.dtype)
+        out_ref[:, c] = (r_ref[:, c].astype(_F32) + dx.astype(_F32)).astype(out_ref.dtype)
+    if has_gain:
+        for c, gi, b in zip(cols, g, xhat):
+            dgain_ref[c] = jnp.sum(gi * b, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret"))
+def rms_norm_bwd(
+    x_ND: jax.Array,
+    g_ND: jax.Array,
+    r_ND: jax.Array,
+    rstd_N: jax.Array,
+    gain_D: jax.Array | None,
+    *,
+    block_rows: int = 16,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """`(r + dx [N, D] in r's dtype, dgain [D] in gain's dtype or None)`; see `reference`.
+
+    `block_rows` (a power of two) is an upper bound: a block of N's largest power-of-two divisor
+    up to it is used, so any N works.
+    """
+    n, d = x_ND.shape
+    if block_rows & (block_rows - 1) or block_rows < 1:
+        raise ValueError(f"rms_norm_bwd: block_rows = {block_rows} must be a power of two")
+    if g_ND.shape != (n, d) or r_ND.shape != (n, d) or rstd_N.shape != (n,):
+        raise ValueError(
+            f"rms_norm_bwd: need x, g, r [N, D] and rstd [N], got {x_ND.shape}, {g_ND.shape}, "
+            f"{r_ND.shape}, {rstd_N.shape}"
+        )
+    _column_slices(d)
+    bn = min(block_rows, n & -n)
+    has_gain = gain_D is not None
+    rows = pl.BlockSpec((bn, d), lambda i: (i, 0))
+    in_specs = [rows, rows, rows, pl.BlockSpec((bn,), lambda i: (i,))]
+    out_specs, out_shape = [rows], [out_struct(r_ND, (n, d), r_ND.dtype)]
+    args = [x_ND, g_ND, r_ND, rstd_N.astype(_F32)]
+    if has_gain:
+        in_specs.append(pl.BlockSpec((d,), lambda i: (0,)))
+        args.append(gain_D)
+        out_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
+        out_shape.append(out_struct(r_ND, (n // bn, d), _F32))
+    outs = pl.pallas_call(
+        functools.partial(_kernel, has_gain=has_gain),
+        grid=(n // bn,),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="rms_norm_bwd",
+    )(*args)
+    return outs[0], (outs[1].sum(axis=0).astype(gain_D.dtype) if has_gain else None)
