@@ -27,6 +27,7 @@ from typing import Any
 import jax
 
 from jaxrun.config import Config
+from jaxrun.model import kernels
 
 _SOURCE_ROOTS = ("jaxrun", "pallas_kernels")
 # TensorBoard tags: grouped by section, so train and val loss share a chart heading.
@@ -214,6 +215,8 @@ class RunLog:
         self.info(
             f"jax {jax.__version__} · {len(devices)} × {devices[0].device_kind} · mesh {dict(mesh.shape)}"
         )
+        chosen = kernels.resolved(self.cfg.model, documents=self.cfg.data.mode != "contiguous")
+        self.info("kernels: " + " · ".join(f"{name} {impl}" for name, impl in chosen.items()))
         self._file(self.cfg.to_json())
         root = Path(__file__).resolve().parent.parent
         for folder in _SOURCE_ROOTS:

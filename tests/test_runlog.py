@@ -6,7 +6,10 @@ import struct
 import sys
 import types
 
+import jax
+
 from jaxrun.config import Config, DataConfig, TrainConfig
+from jaxrun.model import kernels
 from jaxrun.runlog import RunLog
 
 
@@ -132,3 +135,14 @@ def test_the_last_line_reports_every_time(tmp_path, capsys):
     log.finish(result)
     last = capsys.readouterr().out.splitlines()[-2]
     assert last == "time: train 0.4s · compile 2.0s · eval 0.5s · sample 0.3s · total 9.0s wall"
+
+
+def test_the_header_names_each_kernel_as_resolved_here(tmp_path, monkeypatch):
+    """`auto` choices are logged as what runs on this backend: XLA attention on the CPU."""
+    cfg = _cfg(tmp_path)
+    log = RunLog(cfg)
+    log.header(jax.make_mesh((1,), ("dp",)))
+    assert "kernels: attention xla · mlp xla · loss xla · norm xla" in (log.run_dir / "log.txt").read_text()
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    assert kernels.resolved(cfg.model, documents=False)["attention"] == "cudnn"
+    assert kernels.resolved(cfg.model, documents=True)["attention"] == "pallas"

@@ -70,12 +70,16 @@ def _attention_pallas(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, win
     )
 
 
+def _auto_attention(documents: bool) -> str:
+    """`auto`: cuDNN on a GPU, or the Pallas kernel where documents are masked; XLA elsewhere."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    return "pallas" if documents else "cudnn"
+
+
 def _attention_auto(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
     """The fastest correct choice for this platform and mask, decided when the step is traced."""
-    if jax.default_backend() != "gpu":
-        fn = attention_xla
-    else:
-        fn = _attention_cudnn if segment_ids_BT is None else _attention_pallas
+    fn = _ATTENTION[_auto_attention(segment_ids_BT is not None)]
     return fn(q_BTHK, k_BTHK, v_BTHK, scale=scale, segment_ids_BT=segment_ids_BT, window=window)
 
 
@@ -87,13 +91,11 @@ _ATTENTION = {
 }
 
 
-def resolved_attention(cfg: ModelConfig, documents: bool) -> str:
-    """The implementation `attention(cfg)` runs here, for the run header."""
-    if cfg.kernels.attention != "auto":
-        return cfg.kernels.attention
-    if jax.default_backend() != "gpu":
-        return "xla"
-    return "pallas" if documents else "cudnn"
+def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
+    """Each kernel's implementation on this backend, `auto` resolved, for the run header."""
+    k = cfg.kernels
+    attention = _auto_attention(documents) if k.attention == "auto" else k.attention
+    return {"attention": attention, "mlp": k.mlp, "loss": k.loss, "norm": k.norm}
 
 
 def attention(cfg: ModelConfig) -> Callable[..., jax.Array]:
