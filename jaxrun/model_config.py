@@ -171,7 +171,8 @@ class KernelConfig:
     # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
     # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
     loss: Literal["xla", "xla_fused", "pallas"] = "xla"
-    # "pallas": RMSNorm's backward and the residual stream's gradient in one pass (pallas_kernels/rms_norm_bwd.py)
+    # "pallas": RMSNorm's backward and the residual stream's gradient in one pass (pallas_kernels/
+    # rms_norm_bwd.py). Off by default: in `simple`'s step it saves 3 ms of 1030 so far (docs/PERF.md).
     norm: Literal["xla", "pallas"] = "xla"
 
 
