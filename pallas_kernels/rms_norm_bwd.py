@@ -12,6 +12,10 @@ a third of the card's memory bandwidth (docs/PERF.md). Here one program owns a b
 it reads `x`, `g` and `r` once, keeps the rows in registers for the row mean, writes `r + dx`
 and its rows' partial `dgain`. XLA sums the partials (`[N / block_rows, D]`, float32).
 
+With `column_sum`, the kernel also sums the columns of `r + dx`: the gradient of a bias added to
+the stream just before the norm (the model folds each sublayer's output bias into the next norm's
+input, so no separate reduction has to read the stream's gradient again).
+
 `dx` is rounded to the stream's dtype before it is added to `r`, as autodiff (and torch, which
 accumulates the stream's gradient in bf16) does it. Rows are loaded in power-of-two column
 slices, as Triton wants, so D may be any multiple of 16 (768 is three slices of 256).
@@ -31,14 +35,16 @@ from pallas_kernels.shapes import out_struct
 _F32 = jnp.float32
 
 
-def reference(x_ND, g_ND, r_ND, rstd_N, gain_D):
-    """`(r + dx, dgain)` in plain JAX: the function the kernel computes (dgain None without a gain)."""
+def reference(x_ND, g_ND, r_ND, rstd_N, gain_D, column_sum=False):
+    """`(r + dx, dgain, Σ_rows (r + dx))` in plain JAX: the function the kernel computes (dgain None
+    without a gain, the column sum None unless asked)."""
     xhat = x_ND.astype(_F32) * rstd_N[:, None]
     gf = g_ND.astype(_F32)
     gy = gf if gain_D is None else gf * gain_D.astype(_F32)[None]
     dx = rstd_N[:, None] * (gy - xhat * jnp.mean(gy * xhat, axis=1, keepdims=True))
     out = (r_ND.astype(_F32) + dx.astype(r_ND.dtype).astype(_F32)).astype(r_ND.dtype)
-    return out, None if gain_D is None else jnp.sum(gf * xhat, axis=0).astype(gain_D.dtype)
+    dgain = None if gain_D is None else jnp.sum(gf * xhat, axis=0).astype(gain_D.dtype)
+    return out, dgain, jnp.sum(out.astype(_F32), axis=0) if column_sum else None
 
 
 def _column_slices(d: int) -> list[pl.Slice]:
@@ -48,8 +54,12 @@ def _column_slices(d: int) -> list[pl.Slice]:
     return [pl.ds(c, width) for c in range(0, d, width)]
 
 
-def _kernel(x_ref, g_ref, r_ref, rstd_ref, *refs, has_gain: bool):
-    gain_ref, out_ref, dgain_ref = refs if has_gain else (None, *refs, None)
+def _kernel(x_ref, g_ref, r_ref, rstd_ref, *refs, has_gain: bool, column_sum: bool):
+    refs = list(refs)
+    gain_ref = refs.pop(0) if has_gain else None
+    out_ref = refs.pop(0)
+    dgain_ref = refs.pop(0) if has_gain else None
+    sum_ref = refs.pop(0) if column_sum else None
     cols = _column_slices(x_ref.shape[1])
     rstd = rstd_ref[...][:, None]
     xhat = [x_ref[:, c].astype(_F32) * rstd for c in cols]
@@ -58,13 +68,16 @@ def _kernel(x_ref, g_ref, r_ref, rstd_ref, *refs, has_gain: bool):
     mean = sum(jnp.sum(a * b, axis=1, keepdims=True) for a, b in zip(gy, xhat)) / x_ref.shape[1]
     for c, a, b in zip(cols, gy, xhat):
         dx = (rstd * (a - b * mean)).astype(out_ref.dtype)
-        out_ref[:, c] = (r_ref[:, c].astype(_F32) + dx.astype(_F32)).astype(out_ref.dtype)
+        out = (r_ref[:, c].astype(_F32) + dx.astype(_F32)).astype(out_ref.dtype)
+        out_ref[:, c] = out
+        if column_sum:
+            sum_ref[c] = jnp.sum(out.astype(_F32), axis=0)
     if has_gain:
         for c, gi, b in zip(cols, g, xhat):
             dgain_ref[c] = jnp.sum(gi * b, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("column_sum", "block_rows", "num_warps", "interpret"))
 def rms_norm_bwd(
     x_ND: jax.Array,
     g_ND: jax.Array,
@@ -72,11 +85,13 @@ def rms_norm_bwd(
     rstd_N: jax.Array,
     gain_D: jax.Array | None,
     *,
+    column_sum: bool = False,
     block_rows: int = 16,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """`(r + dx [N, D] in r's dtype, dgain [D] in gain's dtype or None)`; see `reference`.
+    """`(r + dx [N, D] in r's dtype, dgain [D] in gain's dtype or None, Σ_rows (r + dx) [D] float32
+    or None)`; see `reference`.
 
     `block_rows` (a power of two) is an upper bound: a block of N's largest power-of-two divisor
     up to it is used, so any N works.
@@ -101,8 +116,11 @@ def rms_norm_bwd(
         args.append(gain_D)
         out_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
         out_shape.append(out_struct(r_ND, (n // bn, d), _F32))
+    if column_sum:
+        out_specs.append(pl.BlockSpec((None, d), lambda i: (i, 0)))
+        out_shape.append(out_struct(r_ND, (n // bn, d), _F32))
     outs = pl.pallas_call(
-        functools.partial(_kernel, has_gain=has_gain),
+        functools.partial(_kernel, has_gain=has_gain, column_sum=column_sum),
         grid=(n // bn,),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -111,4 +129,6 @@ def rms_norm_bwd(
         interpret=interpret,
         name="rms_norm_bwd",
     )(*args)
-    return outs[0], (outs[1].sum(axis=0).astype(gain_D.dtype) if has_gain else None)
+    partials = iter(outs[1:])
+    dgain = next(partials).sum(axis=0).astype(gain_D.dtype) if has_gain else None
+    return outs[0], dgain, next(partials).sum(axis=0) if column_sum else None

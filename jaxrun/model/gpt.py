@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxrun.config import Config, ModelConfig
 from jaxrun.model import attention, embeddings, head, kernels, mlp, residual
 from jaxrun.model.attention import Mode
-from jaxrun.model.layers import Initializer, Params, mul, norm, stream_norm
+from jaxrun.model.layers import Initializer, Params, add_update, mul, norm, stream_norm
 from jaxrun.model.plan import LayerPlan, layer_plan
 
 
@@ -62,19 +62,47 @@ def _layer(
     `layer` holds this layer's slices of the stacked block params (see `layer_params`), `fp8`
     this layer's row of the MLP's delayed FP8 scales, if any.
     """
-    fused_bwd = kernels.rms_norm_bwd(cfg)
+    fused_bwd, fold = kernels.rms_norm_bwd(cfg), ctx["fold_bias"]
     if lp.skip_in:
         x_BTD = x_BTD + mul(ctx["skip"], residual.skip_gate(res, ctx["x0"]))
     elif lp.attn_slot is not None:
         if lp.reads_saved:
             h_BTD = norm(ctx["saved"], layer.get("attn_norm", {}), cfg)
         else:
-            x_BTD, h_BTD = stream_norm(x_BTD, layer.get("attn_norm", {}), cfg, fused_bwd)
+            x_BTD, h_BTD = stream_norm(
+                x_BTD, layer.get("attn_norm", {}), cfg, fused_bwd, ctx.pop("pending", None)
+            )
         ve = ctx["ve"][lp.value_table] if lp.value_table is not None else None
-        a_BTD = attention.forward(layer["attn"], h_BTD, lp, cfg, mode, ctx["segment_ids"], ve)
-        x_BTD = residual.after_attention(res, lp.index, x_BTD, a_BTD, ctx["x0"], ctx["bigram"])
-    x_BTD, h_BTD = stream_norm(x_BTD, layer.get("mlp_norm", {}), cfg, fused_bwd)
-    return residual.after_mlp(res, lp.index, x_BTD, mlp.forward(layer["mlp"], h_BTD, cfg, mode, fp8))
+        attn_p, b_o = _split_bias(layer["attn"], "b_o", fold)
+        a_BTD = attention.forward(attn_p, h_BTD, lp, cfg, mode, ctx["segment_ids"], ve)
+        if fold:
+            ctx["pending"] = (a_BTD, b_o)
+        else:
+            x_BTD = residual.after_attention(res, lp.index, x_BTD, a_BTD, ctx["x0"], ctx["bigram"])
+    x_BTD, h_BTD = stream_norm(x_BTD, layer.get("mlp_norm", {}), cfg, fused_bwd, ctx.pop("pending", None))
+    mlp_p, b_down = _split_bias(layer["mlp"], "b_down", fold)
+    m_BTD = mlp.forward(mlp_p, h_BTD, cfg, mode, fp8)
+    if fold:
+        ctx["pending"] = (m_BTD, b_down)
+        return x_BTD
+    return residual.after_mlp(res, lp.index, x_BTD, m_BTD)
+
+
+def _folds_output_bias(cfg: ModelConfig) -> bool:
+    """Whether each sublayer's output bias joins the stream inside the next norm's fork, whose fused
+    backward then sums the bias's gradient in the same pass (`layers.stream_norm`). Only for a plain
+    stream `x + f(norm(x))` over unrolled layers: the sublayer's output waits in the trace's
+    context until the next norm adds it."""
+    r = cfg.residual
+    plain = not (r.lambdas or r.skip is not None or r.saved_layer is not None or r.backout)
+    return cfg.kernels.norm == "pallas" and cfg.linear_biases and plain and not cfg.scan_layers
+
+
+def _split_bias(p: Params, name: str, fold: bool) -> tuple[Params, jax.Array | None]:
+    """`p` without its output bias `name`, and that bias, when the bias is folded; else `p` as is."""
+    if not fold:
+        return p, None
+    return {k: v for k, v in p.items() if k != name}, p.get(name)
 
 
 def layer_params(blocks: Params, lp: LayerPlan) -> Params:
@@ -124,6 +152,7 @@ def hidden_states(
         "segment_ids": segment_ids_BT,
         "saved": None,
         "skip": None,
+        "fold_bias": _folds_output_bias(cfg),
     }
     x_BTD = residual.start(res, x0_BTD, bigram_BTD)
     plan = layer_plan(cfg)
@@ -141,6 +170,8 @@ def hidden_states(
                 ctx["skip"] = x_BTD
             if lp.index == cfg.residual.saved_layer:
                 ctx["saved"] = x_BTD
+    if (update := ctx.pop("pending", None)) is not None:  # the last sublayer's output, with its bias
+        x_BTD = add_update(x_BTD, update)
     if cfg.residual.backout:
         x_BTD = residual.backout(res, x_BTD, ctx["saved"])
     return norm(x_BTD, params.get("final_norm", {}), cfg)

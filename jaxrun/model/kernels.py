@@ -125,15 +125,16 @@ def relu2_mlp(cfg: ModelConfig) -> Callable[..., jax.Array]:
     return _RELU2_MLP[cfg.kernels.mlp]
 
 
-def _rms_norm_bwd_pallas(x_ND, g_ND, r_ND, rstd_N, gain_D):
+def _rms_norm_bwd_pallas(x_ND, g_ND, r_ND, rstd_N, gain_D, *, column_sum):
     from pallas_kernels.rms_norm_bwd import rms_norm_bwd
 
-    return rms_norm_bwd(x_ND, g_ND, r_ND, rstd_N, gain_D, interpret=interpret())
+    return rms_norm_bwd(x_ND, g_ND, r_ND, rstd_N, gain_D, column_sum=column_sum, interpret=interpret())
 
 
 def rms_norm_bwd(cfg: ModelConfig) -> Callable[..., tuple] | None:
-    """`fn(x [N, D], g, r, rstd [N], gain [D] | None) -> (r + dx, dgain)`: RMSNorm's backward with
-    the residual stream's gradient added, as one kernel; None where XLA differentiates the norm."""
+    """`fn(x [N, D], g, r, rstd [N], gain [D] | None, *, column_sum) -> (r + dx, dgain, Σ_rows)`:
+    RMSNorm's backward with the residual stream's gradient added, as one kernel; None where XLA
+    differentiates the norm."""
     return _rms_norm_bwd_pallas if cfg.kernels.norm == "pallas" else None
 
 

@@ -83,33 +83,53 @@ def _rms_norm_bwd(res, g):
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
-def stream_norm(x: jax.Array, p: Params, cfg: ModelConfig, fused_bwd=None) -> tuple[jax.Array, jax.Array]:
+def stream_norm(
+    x: jax.Array, p: Params, cfg: ModelConfig, fused_bwd=None, update: tuple | None = None
+) -> tuple[jax.Array, jax.Array]:
     """`(x, norm(x))`: the residual stream and a sublayer's normed input.
 
-    `fused_bwd` (`kernels.rms_norm_bwd`), if given, computes the norm's backward and adds the
-    stream's gradient from above in one kernel; else autodiff sums the two in XLA.
+    `update = (delta, bias)` is a previous sublayer's output not yet in the stream: the stream
+    becomes `x + (delta + bias)` first, as `x + linear(...)` would make it. `fused_bwd`
+    (`kernels.rms_norm_bwd`), if given, computes the norm's backward, adds the stream's gradient
+    from above and sums the columns of the result for the bias, in one kernel; else autodiff
+    does all of it in XLA.
     """
     if fused_bwd is None:
+        x = x if update is None else add_update(x, update)
         return x, norm(x, p, cfg)
-    return _rms_norm_fork(x, p.get("gain"), fused_bwd)
+    delta, bias = (None, None) if update is None else update
+    return _rms_norm_fork(x, delta, bias, p.get("gain"), fused_bwd, update is not None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _rms_norm_fork(x, gain, fused_bwd):
-    return x, _rms_norm_fwd(x, gain)[0]
+def add_update(x: jax.Array, update: tuple) -> jax.Array:
+    """`x + (delta + bias)` for a sublayer's output `update = (delta, bias)` (bias may be None)."""
+    return x + _biased(*update)
 
 
-def _rms_norm_fork_fwd(x, gain, fused_bwd):
-    y, res = _rms_norm_fwd(x, gain)
-    return (x, y), res
+def _biased(delta: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return delta if bias is None else delta + lead(bias.astype(delta.dtype), delta.ndim)
 
 
-def _rms_norm_fork_bwd(fused_bwd, res, cotangents):
-    x, gain, rstd = res
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _rms_norm_fork(x, delta, bias, gain, fused_bwd, has_update):
+    return _rms_norm_fork_fwd(x, delta, bias, gain, fused_bwd, has_update)[0]
+
+
+def _rms_norm_fork_fwd(x, delta, bias, gain, fused_bwd, has_update):
+    x = x + _biased(delta, bias) if has_update else x
+    y, (x, gain, rstd) = _rms_norm_fwd(x, gain)
+    return (x, y), (x, gain, rstd, bias)
+
+
+def _rms_norm_fork_bwd(fused_bwd, has_update, res, cotangents):
+    x, gain, rstd, bias = res
     r, g = cotangents  # dL/d(stream), dL/d(norm(x))
     d = x.shape[-1]
-    dx, dgain = fused_bwd(x.reshape(-1, d), g.reshape(-1, d), r.reshape(-1, d), rstd.reshape(-1), gain)
-    return dx.reshape(x.shape), dgain
+    flat = (x.reshape(-1, d), g.reshape(-1, d), r.reshape(-1, d), rstd.reshape(-1), gain)
+    dx, dgain, dsum = fused_bwd(*flat, column_sum=bias is not None)
+    dx = dx.reshape(x.shape)
+    dbias = None if bias is None else dsum.astype(bias.dtype)
+    return dx, dx if has_update else None, dbias, dgain
 
 
 _rms_norm_fork.defvjp(_rms_norm_fork_fwd, _rms_norm_fork_bwd)

@@ -45,13 +45,15 @@ class _RmsNormBwdTest:
     BLOCK_ROWS = (16, 32)
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-    @pytest.mark.parametrize("gain", [True, False], ids=["gain", "no_gain"])
-    def test_matches_reference(self, dtype, gain):
+    @pytest.mark.parametrize(("gain", "column_sum"), [(True, False), (False, False), (True, True)])
+    def test_matches_reference(self, dtype, gain, column_sum):
         for (n, d), block_rows in zip(self.SHAPES, self.BLOCK_ROWS * len(self.SHAPES)):
             seed = _fresh_seed()
             x, g, r, rstd, gain_D = _inputs(seed, n, d, dtype, gain)
-            out, dgain = rms_norm_bwd(x, g, r, rstd, gain_D, block_rows=block_rows, interpret=self.INTERPRET)
-            want, want_dgain = reference(x, g, r, rstd, gain_D)
+            out, dgain, total = rms_norm_bwd(
+                x, g, r, rstd, gain_D, column_sum=column_sum, block_rows=block_rows, interpret=self.INTERPRET
+            )
+            want, want_dgain, want_total = reference(x, g, r, rstd, gain_D, column_sum)
             assert out.dtype == dtype
             _assert_close(f"r + dx {n}x{d}", out, want, TOL[dtype], seed)
             if gain:
@@ -59,6 +61,14 @@ class _RmsNormBwdTest:
                 _assert_close(f"dgain {n}x{d}", dgain, want_dgain, 1e-5, seed)
             else:
                 assert dgain is None
+            if column_sum:  # the sum of the kernel's own (rounded) output, in float32
+                assert total.dtype == jnp.float32
+                _assert_close(
+                    f"column sum {n}x{d}", total, jnp.sum(out.astype(jnp.float32), axis=0), 1e-5, seed
+                )
+                _assert_close(f"column sum vs reference {n}x{d}", total, want_total, TOL[dtype], seed)
+            else:
+                assert total is None
 
     def test_reference_is_autodiff_of_the_norm(self):
         """The closed form equals jax.vjp of `x + 0, x·rstd·gain` in float32: the kernel's target is right."""
@@ -72,7 +82,7 @@ class _RmsNormBwdTest:
 
         _, vjp = jax.vjp(stream_and_norm, x, gain_D)
         dx, dgain = vjp((r, g))
-        want, want_dgain = reference(x, g, r, rstd, gain_D)
+        want, want_dgain, _ = reference(x, g, r, rstd, gain_D)
         _assert_close("r + dx", want, dx, 1e-5, seed)
         _assert_close("dgain", want_dgain, dgain, 1e-5, seed)
 
