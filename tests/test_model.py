@@ -166,6 +166,29 @@ def test_pallas_norm_matches_xla(dtype, scan):
         assert err <= tol, f"{jax.tree_util.keystr(path)}: {err:.3g} of max {scale:.3g}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pallas_logit_grad_matches_xla(dtype):
+    """The fused head loss with its logit pass as a Pallas kernel (interpreted on CPU) gives the
+    XLA pass's gradients: the same forward, every gradient within a bf16 rounding of dL/dz."""
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        SIMPLE_STYLE, init="gpt2", compute_dtype=dtype, kernels=KernelConfig(loss="xla_fused")
+    )
+    fused = dataclasses.replace(cfg, kernels=KernelConfig(loss="xla_fused", logit_grad="pallas"))
+    params = model.init(jax.random.key(16), cfg)
+    batch = {"inputs": tokens(17), "targets": tokens(18)}
+    loss_xla, grads_xla = jax.value_and_grad(model.loss)(params, batch, cfg)
+    loss_pallas, grads_pallas = jax.value_and_grad(model.loss)(params, batch, fused)
+    assert loss_pallas == loss_xla  # the forward is the same XLA
+    tol = {"float32": 1e-6, "bfloat16": 1e-2}[dtype]
+    for path, g in jax.tree_util.tree_leaves_with_path(grads_xla):
+        got = _at(grads_pallas, path)
+        scale = float(jnp.max(jnp.abs(g))) or 1.0
+        err = float(jnp.max(jnp.abs(got - g))) / scale
+        assert err <= tol, f"{jax.tree_util.keystr(path)}: {err:.3g} of max {scale:.3g}"
+
+
 def _at(tree, path):
     for key in path:
         tree = tree[key.key]
@@ -179,6 +202,8 @@ def test_kernel_switches_are_validated():
         ModelConfig(kernels=KernelConfig(mlp="pallas"), mlp=MLPConfig(activation="gelu"))
     with pytest.raises(ConfigError, match="kernels.loss='pallas' supports softcap 'isru'"):
         ModelConfig(kernels=KernelConfig(loss="pallas"), head=HeadConfig(softcap="tanh"))
+    with pytest.raises(ConfigError, match="kernels.logit_grad='pallas' is a pass of the fused head loss"):
+        ModelConfig(kernels=KernelConfig(loss="xla", logit_grad="pallas"))
     with pytest.raises(ConfigError, match="kernels.norm='pallas' is RMSNorm's backward"):
         ModelConfig(kernels=KernelConfig(norm="pallas"), norm="layernorm")
 

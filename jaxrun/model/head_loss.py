@@ -66,33 +66,37 @@ def _forward(h_ND, w_DV, b_V, targets_N, cap, c):
     return jnp.where(targets_N >= 0, lse_N - s_target_N, 0.0), (zraw_NV, lse_N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _softcap_ce(h_ND, w_DV, b_V, targets_N, cap, c):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _softcap_ce(h_ND, w_DV, b_V, targets_N, cap, c, logit_grad):
     return _forward(h_ND, w_DV, b_V, targets_N, cap, c)[0]
 
 
-def _softcap_ce_fwd(h_ND, w_DV, b_V, targets_N, cap, c):
+def _softcap_ce_fwd(h_ND, w_DV, b_V, targets_N, cap, c, logit_grad):
     losses_N, (zraw_NV, lse_N) = _forward(h_ND, w_DV, b_V, targets_N, cap, c)
     return losses_N, (h_ND, w_DV, b_V, targets_N, zraw_NV, lse_N)
 
 
-def _softcap_ce_bwd(cap, c, res, g_N):
+def _softcap_ce_bwd(cap, c, logit_grad, res, g_N):
     h_ND, w_DV, b_V, targets_N, zraw_NV, lse_N = res
     # Without the barrier XLA merges this recomputed cap with the forward's (one jit holds both)
     # and keeps the float32 capped logits alive from the forward to here.
     zraw_NV, lse_N = jax.lax.optimization_barrier((zraw_NV, lse_N))
-    z_NV = _add_bias(zraw_NV, b_V)
     g_N = jnp.where(targets_N >= 0, g_N.astype(_F32), 0.0)
-    s_NV, ds_dz_NV = _cap(z_NV.astype(_F32), cap, c)
-    p_NV = jnp.exp(s_NV - lse_N[:, None])
-    is_target_NV = jax.lax.broadcasted_iota(jnp.int32, z_NV.shape, 1) == targets_N[:, None]
-    dz_NV = (jnp.where(is_target_NV, p_NV - 1.0, p_NV) * ds_dz_NV) * g_N[:, None]
-    # The barrier makes this one elementwise fusion that writes bf16 dL/dz: left to itself XLA writes
-    # it in float32 (13 GB a 64-sequence micro-batch) and reads that back for the bias's column sum.
-    dz_bf_NV = jax.lax.optimization_barrier(dz_NV.astype(h_ND.dtype))
+    if logit_grad is not None:  # one kernel: bf16 dL/dz and the bias's column sum in the same pass
+        dz_bf_NV, db_V = logit_grad(zraw_NV, b_V, targets_N, lse_N, g_N, cap=cap, cap_value=c)
+    else:
+        z_NV = _add_bias(zraw_NV, b_V)
+        s_NV, ds_dz_NV = _cap(z_NV.astype(_F32), cap, c)
+        p_NV = jnp.exp(s_NV - lse_N[:, None])
+        is_target_NV = jax.lax.broadcasted_iota(jnp.int32, z_NV.shape, 1) == targets_N[:, None]
+        dz_NV = (jnp.where(is_target_NV, p_NV - 1.0, p_NV) * ds_dz_NV) * g_N[:, None]
+        # The barrier makes this one elementwise fusion that writes bf16 dL/dz: left to itself XLA
+        # writes it in float32 (13 GB a 64-sequence micro-batch) and reads that back for the bias.
+        dz_bf_NV = jax.lax.optimization_barrier(dz_NV.astype(h_ND.dtype))
+        db_V = None if b_V is None else jnp.sum(dz_bf_NV.astype(_F32), axis=0)
     dh_ND = dz_bf_NV @ w_DV.astype(h_ND.dtype).T
     dw_DV = jax.lax.dot_general(h_ND, dz_bf_NV, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
-    db_V = None if b_V is None else jnp.sum(dz_bf_NV.astype(_F32), axis=0).astype(b_V.dtype)
+    db_V = None if b_V is None else db_V.astype(b_V.dtype)
     return dh_ND, dw_DV.astype(w_DV.dtype), db_V, None
 
 
@@ -107,6 +111,7 @@ def softcap_ce(
     *,
     cap: str = "isru",
     cap_value: float = 15.0,
+    logit_grad=None,
 ) -> jax.Array:
     """Per-token cross-entropy [N] (float32) of `cap(h @ w + b)` against `targets`; 0 where targets < 0.
 
@@ -117,12 +122,14 @@ def softcap_ce(
       b_V: optional head bias, added in h's dtype.
       cap: "isru" (c·z/√(z²+c²), train_gpt_simple) or "tanh" (c·tanh(z/c)).
       cap_value: c.
+      logit_grad: `fn(zraw, b, targets, lse, g, *, cap, cap_value) -> (bf16 dz, db)` for the
+        backward's pass over the logits (`kernels.logit_grad`), or None for XLA's two passes.
 
     Differentiable in `h`, `w` and `b`.
     """
     if cap not in CAPS:
         raise ValueError(f"cap must be one of {CAPS}, got {cap!r}")
-    return _softcap_ce(h_ND, w_DV, b_V, targets_N.astype(jnp.int32), cap, float(cap_value))
+    return _softcap_ce(h_ND, w_DV, b_V, targets_N.astype(jnp.int32), cap, float(cap_value), logit_grad)
 
 
 def softcap_ce_reference(h_ND, w_DV, targets_N, b_V=None, *, cap="isru", cap_value=15.0) -> jax.Array:

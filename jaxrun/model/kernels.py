@@ -95,7 +95,7 @@ def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
     """Each kernel's implementation on this backend, `auto` resolved, for the run header."""
     k = cfg.kernels
     attention = _auto_attention(documents) if k.attention == "auto" else k.attention
-    return {"attention": attention, "mlp": k.mlp, "loss": k.loss, "norm": k.norm}
+    return {"attention": attention, "mlp": k.mlp, "loss": k.loss, "norm": k.norm, "logit_grad": k.logit_grad}
 
 
 def attention(cfg: ModelConfig) -> Callable[..., jax.Array]:
@@ -149,10 +149,22 @@ def _softcap_ce_pallas(h_ND, w_DV, targets_N, b_V, *, cap, cap_value):
 _LOSS = {"xla_fused": head_loss.softcap_ce, "pallas": _softcap_ce_pallas}
 
 
+def _logit_grad_pallas(zraw_NV, b_V, targets_N, lse_N, g_N, *, cap, cap_value):
+    from pallas_kernels.logit_grad import logit_grad
+
+    return logit_grad(
+        zraw_NV, b_V, targets_N, lse_N, g_N, cap=cap, cap_value=cap_value, interpret=interpret()
+    )
+
+
 def fused_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
     """`fn(h [N, D], w [D, V], targets [N], b [V], *, cap, cap_value) -> losses [N]` when the head
     and loss run fused; None for the plain autodiff path ("xla") and for the FP8 head (`fp8_head_loss`)."""
-    return None if cfg.head.fp8 is not None else _LOSS.get(cfg.kernels.loss)
+    if cfg.head.fp8 is not None:
+        return None
+    if cfg.kernels.logit_grad == "pallas":  # the config checks that loss is "xla_fused"
+        return functools.partial(head_loss.softcap_ce, logit_grad=_logit_grad_pallas)
+    return _LOSS.get(cfg.kernels.loss)
 
 
 def _mtp_ce_pallas(logits_NV, targets_NK, weights_K, *, cap_value, grad_scale):
