@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.mlp_ce_bench import time_it
+from benchmarks import memory_pass
 from jaxrun.model import head_loss
 from pallas_kernels.logit_grad import logit_grad
 
@@ -77,33 +76,7 @@ def main() -> None:
         for rows, m, warps in TILINGS
     ]
     print(f"device: {jax.devices()[0].device_kind}, n={args.n}, V={V}, bf16, cap {CAP}")
-    rows, want = [], None
-    for name, fn in variants:
-        compiled = jax.jit(fn).lower(*inputs).compile()
-        out = compiled(*inputs)
-        want = out if want is None else want
-        err = max(
-            float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref)))
-            for got, ref in zip(out, want)
-        )
-        ms, ms_min, _ = time_it(compiled, inputs)
-        row = {
-            "variant": name,
-            "ms": ms,
-            "ms_min": ms_min,
-            "tb_s": moved / ms / 1e9,
-            "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30,
-            "max_rel_err_vs_xla": err,
-        }
-        rows.append(row)
-        print(
-            f"{name:40s} {ms:7.3f} ms (min {ms_min:.3f})  {row['tb_s']:5.2f} TB/s  temp "
-            f"{row['temp_gib']:.3f} GiB  err {err:.1e}",
-            flush=True,
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    memory_pass.compare([(name, jax.jit(fn)) for name, fn in variants], inputs, moved, args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""Time variants of one memory-bound pass against the first: ms, bandwidth, temp memory, error.
+
+Shared by the benches of single passes (`norm_bench.py`, `logit_grad_bench.py`): each variant is a
+jitted function of the same inputs, and the first is the XLA reference the others are checked
+against (the largest difference over every output, relative to that output's largest entry).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.mlp_ce_bench import time_it
+
+
+def compare(variants, inputs, moved_bytes: int, json_path: str | None = None) -> list[dict]:
+    """Prints one line per `(name, jitted fn)` and returns the rows (also written to `json_path`)."""
+    rows, want = [], None
+    for name, fn in variants:
+        compiled = fn.lower(*inputs).compile()
+        out = compiled(*inputs)
+        want = out if want is None else want
+        err = max(
+            float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref)))
+            for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want))
+        )
+        ms, ms_min, _ = time_it(compiled, inputs)
+        row = {
+            "variant": name,
+            "ms": ms,
+            "ms_min": ms_min,
+            "tb_s": moved_bytes / ms / 1e9,
+            "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30,
+            "max_rel_err_vs_first": err,
+        }
+        rows.append(row)
+        print(
+            f"{name:40s} {ms:7.3f} ms (min {ms_min:.3f})  {row['tb_s']:5.2f} TB/s  temp "
+            f"{row['temp_gib']:.3f} GiB  err {err:.1e}",
+            flush=True,
+        )
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
