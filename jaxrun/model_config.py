@@ -172,11 +172,11 @@ class KernelConfig:
     # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
     loss: Literal["xla", "xla_fused", "pallas"] = "xla"
     # "pallas": RMSNorm's backward and the residual stream's gradient in one pass (pallas_kernels/
-    # rms_norm_bwd.py). Off by default: in `simple`'s step it saves 3 ms of 1030 so far (docs/PERF.md).
-    norm: Literal["xla", "pallas"] = "xla"
+    # rms_norm_bwd.py). "auto": that kernel on a GPU where it applies, XLA elsewhere.
+    norm: Literal["auto", "xla", "pallas"] = "xla"
     # "pallas": with loss="xla_fused", the backward's pass over the logits (bf16 dL/dz and the bias's
-    # column sum together) as one kernel (pallas_kernels/logit_grad.py). Off until timed on a GPU.
-    logit_grad: Literal["xla", "pallas"] = "xla"
+    # column sum together) as one kernel (pallas_kernels/logit_grad.py). "auto": as for norm.
+    logit_grad: Literal["auto", "xla", "pallas"] = "xla"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,8 +215,8 @@ class ModelConfig:
         )
         check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
         check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
-        check_choice(node + ".kernels", "norm", self.kernels.norm, ("xla", "pallas"))
-        check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("xla", "pallas"))
+        check_choice(node + ".kernels", "norm", self.kernels.norm, ("auto", "xla", "pallas"))
+        check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("auto", "xla", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
         check(
@@ -232,12 +232,12 @@ class ModelConfig:
             f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
         )
         check(
-            self.kernels.norm == "xla" or (self.norm == "rmsnorm" and self.model_dim % 16 == 0),
+            self.kernels.norm != "pallas" or (self.norm == "rmsnorm" and self.model_dim % 16 == 0),
             f"model.kernels.norm='pallas' is RMSNorm's backward over a width that is a multiple of 16, "
             f"not model.norm={self.norm!r} with model.model_dim={self.model_dim}",
         )
         check(
-            self.kernels.logit_grad == "xla"
+            self.kernels.logit_grad != "pallas"
             or (self.kernels.loss == "xla_fused" and self.head.fp8 is None and self.vocab_size % 128 == 0),
             "model.kernels.logit_grad='pallas' is a pass of the fused head loss without FP8 (model.kernels.loss="
             f"'xla_fused', model.head.fp8 unset) over a vocabulary that is a multiple of 128, not loss="

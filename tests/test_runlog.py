@@ -7,8 +7,9 @@ import sys
 import types
 
 import jax
+import pytest
 
-from jaxrun.config import Config, DataConfig, TrainConfig
+from jaxrun.config import Config, DataConfig, KernelConfig, ModelConfig, TrainConfig
 from jaxrun.model import kernels
 from jaxrun.runlog import RunLog
 
@@ -146,3 +147,15 @@ def test_the_header_names_each_kernel_as_resolved_here(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
     assert kernels.resolved(cfg.model, documents=False)["attention"] == "cudnn"
     assert kernels.resolved(cfg.model, documents=True)["attention"] == "pallas"
+
+
+@pytest.mark.parametrize("loss, fp8, want", [("xla_fused", None, "pallas"), ("xla", None, "xla")])
+def test_auto_norm_and_logit_pass_resolve_per_backend_and_fit(loss, fp8, want, monkeypatch):
+    """`auto` is the Pallas pass on a GPU wherever it applies and XLA on the CPU: the logit pass
+    needs the fused XLA loss, the norm kernel RMSNorm over a width that is a multiple of 16."""
+    m = ModelConfig(kernels=KernelConfig(loss=loss, norm="auto", logit_grad="auto"))
+    assert (kernels.norm_impl(m), kernels.logit_grad_impl(m)) == ("xla", "xla")
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    assert (kernels.norm_impl(m), kernels.logit_grad_impl(m)) == ("pallas", want)
+    layer_norm = dataclasses.replace(m, norm="layernorm")
+    assert kernels.norm_impl(layer_norm) == "xla"

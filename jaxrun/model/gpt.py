@@ -95,7 +95,7 @@ def _folds_output_bias(cfg: ModelConfig) -> bool:
     context until the next norm adds it."""
     r = cfg.residual
     plain = not (r.lambdas or r.skip is not None or r.saved_layer is not None or r.backout)
-    return cfg.kernels.norm == "pallas" and cfg.linear_biases and plain and not cfg.scan_layers
+    return kernels.norm_impl(cfg) == "pallas" and cfg.linear_biases and plain and not cfg.scan_layers
 
 
 def _split_bias(p: Params, name: str, fold: bool) -> tuple[Params, jax.Array | None]:

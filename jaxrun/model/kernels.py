@@ -91,11 +91,35 @@ _ATTENTION = {
 }
 
 
+def norm_impl(cfg: ModelConfig) -> str:
+    """`kernels.norm` on this backend: `auto` is the Pallas backward on a GPU where it applies
+    (RMSNorm over a width that is a multiple of 16), XLA elsewhere."""
+    if cfg.kernels.norm != "auto":
+        return cfg.kernels.norm
+    fits = cfg.norm == "rmsnorm" and cfg.model_dim % 16 == 0
+    return "pallas" if fits and jax.default_backend() == "gpu" else "xla"
+
+
+def logit_grad_impl(cfg: ModelConfig) -> str:
+    """`kernels.logit_grad` on this backend: `auto` is the Pallas pass on a GPU where it applies
+    (the fused XLA head loss without FP8, a vocabulary that is a multiple of 128), XLA elsewhere."""
+    if cfg.kernels.logit_grad != "auto":
+        return cfg.kernels.logit_grad
+    fits = cfg.kernels.loss == "xla_fused" and cfg.head.fp8 is None and cfg.vocab_size % 128 == 0
+    return "pallas" if fits and jax.default_backend() == "gpu" else "xla"
+
+
 def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
     """Each kernel's implementation on this backend, `auto` resolved, for the run header."""
     k = cfg.kernels
     attention = _auto_attention(documents) if k.attention == "auto" else k.attention
-    return {"attention": attention, "mlp": k.mlp, "loss": k.loss, "norm": k.norm, "logit_grad": k.logit_grad}
+    return {
+        "attention": attention,
+        "mlp": k.mlp,
+        "loss": k.loss,
+        "norm": norm_impl(cfg),
+        "logit_grad": logit_grad_impl(cfg),
+    }
 
 
 def attention(cfg: ModelConfig) -> Callable[..., jax.Array]:
@@ -135,7 +159,7 @@ def rms_norm_bwd(cfg: ModelConfig) -> Callable[..., tuple] | None:
     """`fn(x [N, D], g, r, rstd [N], gain [D] | None, *, column_sum) -> (r + dx, dgain, Σ_rows)`:
     RMSNorm's backward with the residual stream's gradient added, as one kernel; None where XLA
     differentiates the norm."""
-    return _rms_norm_bwd_pallas if cfg.kernels.norm == "pallas" else None
+    return _rms_norm_bwd_pallas if norm_impl(cfg) == "pallas" else None
 
 
 def _softcap_ce_pallas(h_ND, w_DV, targets_N, b_V, *, cap, cap_value):
@@ -162,7 +186,7 @@ def fused_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
     and loss run fused; None for the plain autodiff path ("xla") and for the FP8 head (`fp8_head_loss`)."""
     if cfg.head.fp8 is not None:
         return None
-    if cfg.kernels.logit_grad == "pallas":  # the config checks that loss is "xla_fused"
+    if logit_grad_impl(cfg) == "pallas":  # the config checks that loss is "xla_fused"
         return functools.partial(head_loss.softcap_ce, logit_grad=_logit_grad_pallas)
     return _LOSS.get(cfg.kernels.loss)
 
