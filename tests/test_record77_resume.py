@@ -43,7 +43,9 @@ def straight(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight_8(tmp_path_factory):
     """The same run on 8 devices, where Adam's gradients wait on each device between its updates."""
-    yield from _straight_run(tmp_path_factory.mktemp("record77_resume_8"), devices=8, stop_after=CKPT_EVERY + 2)
+    yield from _straight_run(
+        tmp_path_factory.mktemp("record77_resume_8"), devices=8, stop_after=CKPT_EVERY + 2
+    )
 
 
 def _straight_run(tmp: Path, devices: int, stop_after: int = 0):

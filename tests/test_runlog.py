@@ -143,7 +143,10 @@ def test_the_header_names_each_kernel_as_resolved_here(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     log = RunLog(cfg)
     log.header(jax.make_mesh((1,), ("dp",)))
-    assert "kernels: attention xla · mlp xla · loss xla · norm xla · logit_grad xla" in (log.run_dir / "log.txt").read_text()
+    assert (
+        "kernels: attention xla · mlp xla · loss xla · norm xla · logit_grad xla"
+        in (log.run_dir / "log.txt").read_text()
+    )
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
     assert kernels.resolved(cfg.model, documents=False)["attention"] == "cudnn"
     assert kernels.resolved(cfg.model, documents=True)["attention"] == "pallas"
