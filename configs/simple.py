@@ -16,8 +16,12 @@ def get_config() -> Config:
     return Config(
         name="simple",
         # The ModelConfig defaults are this recipe's; the head and loss run as one custom VJP
-        # (bf16 logits, no float32 [N, V] round trips): the same function, faster.
-        model=ModelConfig(scan_layers=False, kernels=KernelConfig(loss="xla_fused")),
+        # (bf16 logits, no float32 [N, V] round trips): the same function, faster. On a GPU the
+        # norms' backward and the head's logit pass run as Pallas kernels, XLA elsewhere.
+        model=ModelConfig(
+            scan_layers=False,
+            kernels=KernelConfig(loss="xla_fused", norm="auto", logit_grad="auto"),
+        ),
         optim=OptimConfig(kind="muon_adam", muon_ns="simple", cooldown_frac=0.7, loss_reduction="sum"),
         data=DataConfig(seq_len=1024, batch_seqs=512, val_tokens=10_485_760),
         train=TrainConfig(steps=3250, micro_batch_seqs=64, val_every=125, val_every_late=25),
