@@ -38,17 +38,17 @@ def _inputs(seed, n, v, bias):
 
 
 def _rel_err(actual, expected) -> float:
-    expected = np.asarray(expected, np.float32)
-    return float(
-        np.max(np.abs(np.asarray(actual, np.float32) - expected)) / (np.max(np.abs(expected)) or 1.0)
-    )
+    """Largest difference over the largest reference entry, on the device: at `simple`'s [65536,
+    50304] a host copy of both arrays in float32 alone is 26 GB."""
+    expected = expected.astype(jnp.float32)
+    err = jnp.max(jnp.abs(actual.astype(jnp.float32) - expected))
+    return float(err / jnp.maximum(jnp.max(jnp.abs(expected)), 1e-30))
 
 
 def _mean_rel_err(actual, expected) -> float:
-    expected = np.asarray(expected, np.float32)
-    return float(
-        np.mean(np.abs(np.asarray(actual, np.float32) - expected)) / (np.max(np.abs(expected)) or 1.0)
-    )
+    expected = expected.astype(jnp.float32)
+    err = jnp.mean(jnp.abs(actual.astype(jnp.float32) - expected))
+    return float(err / jnp.maximum(jnp.max(jnp.abs(expected)), 1e-30))
 
 
 class _LogitGradTest:
