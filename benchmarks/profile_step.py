@@ -4,7 +4,8 @@ Runs a few steps of the config's compiled train step (random tokens) under
 `jax.profiler.trace`, reads the Chrome-format trace it writes
 (`*.trace.json.gz`, plain gzip JSON: no TensorBoard needed), and sums each
 kernel's duration into a category: matmul, attention, reductions,
-elementwise, collectives, copies, other. A kernel is classified by the HLO
+elementwise, pallas (jaxrun's own fused kernels, attention aside),
+collectives, copies, other. A kernel is classified by the HLO
 instruction it runs, looked up in the step's compiled HLO (a fusion holding
 a dot is a matmul, one holding a reduce a reduction, and so on), or by its
 name when the trace names a library kernel (cuBLAS, cuDNN, NCCL). On a GPU
@@ -33,19 +34,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 DOC_TOKENS = 1000  # mean document length of the synthetic segment ids (FineWeb's is about 1,000)
-CATEGORIES = ("matmul", "attention", "reductions", "elementwise", "collectives", "copies", "other")
+CATEGORIES = ("matmul", "attention", "reductions", "elementwise", "pallas", "collectives", "copies", "other")
+# Pallas kernels reach the HLO as custom calls to these targets (Triton, Mosaic GPU); the ones for
+# attention count as attention, the rest (jaxrun's fused passes) as "pallas".
+_PALLAS_TARGETS = re.compile(r"xla\.gpu\.triton|mosaic_gpu", re.IGNORECASE)
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "nccl")
 # Library kernels, by name, when the trace event names no HLO instruction we know.
 _NAME_RULES = (
     (
         "collectives",
-        re.compile(r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all", re.I),
+        re.compile(
+            r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all", re.IGNORECASE
+        ),
     ),
-    ("attention", re.compile(r"fmha|flash|sdpa|attention|cudnn", re.I)),
-    ("matmul", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|matmul|\bdot\b|wgmma|sm90_", re.I)),
-    ("copies", re.compile(r"memcpy|memset|copy|transpose", re.I)),
-    ("reductions", re.compile(r"reduce", re.I)),
-    ("elementwise", re.compile(r"fusion|loop_|elementwise", re.I)),
+    ("attention", re.compile(r"fmha|flash|sdpa|attention|cudnn", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|matmul|\bdot\b|wgmma|sm90_", re.IGNORECASE)),
+    ("copies", re.compile(r"memcpy|memset|copy|transpose", re.IGNORECASE)),
+    ("reductions", re.compile(r"reduce", re.IGNORECASE)),
+    ("elementwise", re.compile(r"fusion|loop_|elementwise", re.IGNORECASE)),
 )
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ")
@@ -76,7 +82,9 @@ def _classify_instr(opcode: str, rest: str, comps: dict) -> str:
     if opcode == "custom-call":
         target = (_TARGET.search(rest) or [None, ""])[1]
         rule = next((cat for cat, pattern in _NAME_RULES if pattern.search(target + " " + rest[:400])), None)
-        return rule if rule in ("attention", "matmul", "collectives") else "other"
+        if rule in ("attention", "matmul", "collectives"):
+            return rule
+        return "pallas" if _PALLAS_TARGETS.search(target) else "other"
     if opcode in ("dot", "convolution"):
         return "matmul"
     if opcode in (

@@ -43,6 +43,20 @@ def test_library_kernels_by_name(name, category):
     assert profile_step.classify(name, {}, {}) == category
 
 
+@pytest.mark.parametrize(
+    "rest, category",
+    [
+        ('f32[8]{0} %p), custom_call_target="__gpu$xla.gpu.triton", name="rms_norm_bwd"', "pallas"),
+        ('f32[8]{0} %p), custom_call_target="mosaic_gpu_v2", name="flash_attention_fwd"', "attention"),
+        ('f32[8]{0} %p), custom_call_target="__cublas$lt$matmul"', "matmul"),
+        ('f32[8]{0} %p), custom_call_target="SomethingElse"', "other"),
+    ],
+)
+def test_custom_calls_by_target(rest, category):
+    """Pallas kernels are a category of their own, unless they are attention kernels."""
+    assert profile_step._classify_instr("custom-call", rest, {}) == category
+
+
 def test_breakdown_of_a_gpu_trace_sums_stream_kernels_per_step():
     """Events on the device's stream lines count, by their HLO op; host lines and other device lines do not."""
     hlo_cats = {profile_step._norm("fusion.1"): "reductions"}
