@@ -9,6 +9,7 @@ import types
 import jax
 import pytest
 
+import launch
 from jaxrun.config import Config, DataConfig, KernelConfig, ModelConfig, TrainConfig
 from jaxrun.model import kernels
 from jaxrun.runlog import RunLog
@@ -152,8 +153,8 @@ def test_the_header_names_each_kernel_as_resolved_here(tmp_path, monkeypatch):
     assert kernels.resolved(cfg.model, documents=True)["attention"] == "pallas"
 
 
-@pytest.mark.parametrize("loss, fp8, want", [("xla_fused", None, "pallas"), ("xla", None, "xla")])
-def test_auto_norm_and_logit_pass_resolve_per_backend_and_fit(loss, fp8, want, monkeypatch):
+@pytest.mark.parametrize("loss, want", [("xla_fused", "pallas"), ("xla", "xla")])
+def test_auto_norm_and_logit_pass_resolve_per_backend_and_fit(loss, want, monkeypatch):
     """`auto` is the Pallas pass on a GPU wherever it applies and XLA on the CPU: the logit pass
     needs the fused XLA loss, the norm kernel RMSNorm over a width that is a multiple of 16."""
     m = ModelConfig(kernels=KernelConfig(loss=loss, norm="auto", logit_grad="auto"))
@@ -162,3 +163,18 @@ def test_auto_norm_and_logit_pass_resolve_per_backend_and_fit(loss, fp8, want, m
     assert (kernels.norm_impl(m), kernels.logit_grad_impl(m)) == ("pallas", want)
     layer_norm = dataclasses.replace(m, norm="layernorm")
     assert kernels.norm_impl(layer_norm) == "xla"
+
+
+def test_simple_runs_both_pallas_passes_on_a_gpu_only(monkeypatch):
+    """`simple`'s GPU default is the fast path; on the CPU the same config runs XLA."""
+    simple = launch.load_config("simple").model
+    on_cpu = kernels.resolved(simple, documents=False)
+    assert (on_cpu["norm"], on_cpu["logit_grad"]) == ("xla", "xla")
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    assert kernels.resolved(simple, documents=False) == {
+        "attention": "cudnn",
+        "mlp": "xla",
+        "loss": "xla_fused",
+        "norm": "pallas",
+        "logit_grad": "pallas",
+    }
