@@ -27,6 +27,7 @@ from jaxrun import data as data_lib
 from jaxrun.config import Config, ConfigError
 from jaxrun.model import mlp_fp8
 from jaxrun.runlog import RunLog
+from jaxrun.step_clock import StepClock
 
 
 class TrainState(NamedTuple):
@@ -418,13 +419,15 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     return early, with `stopped_by` set (see `jaxrun.loop_control`).
     """
     try:
-        with loop_control.StopSignals() as stop:
-            return _run(cfg, resume, stop)
+        with loop_control.StopSignals() as stop, StepClock() as step_times:
+            return _run(cfg, resume, stop, step_times)
     finally:
         gc.unfreeze()  # _run freezes the objects made during setup for the loop (see there)
 
 
-def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dict[str, Any]:
+def _run(
+    cfg: Config, resume: str | None, stop: loop_control.StopSignals, step_times: StepClock
+) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     accums = [grad_accum_steps(cfg, mesh.size, stage.batch_seqs) for stage in data_stages(cfg)]
     wall_t0, eval_s = time.perf_counter(), 0.0
@@ -488,16 +491,11 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     steps, val_loss = cfg.train.steps, float("nan")
     pause = cfg.train.stop_after if start < cfg.train.stop_after else None  # a resume goes past it
     progress = log.progress(steps)
-    pending = None  # (step, metrics) dispatched but not yet read
-    last_read = 0.0  # when the previous step's metrics arrived (or the clock last started)
+    pending = None  # (step, metrics, its end on the step clock) dispatched but not yet read
 
     def read_pending():
-        nonlocal last_read
         done, metrics = pending[0], jax.device_get(pending[1])  # one transfer; waits for that step
-        now = time.perf_counter()
-        # With the next step already queued, the time between two reads is the device's step time.
-        log.train_metrics(done, {**metrics, "step_ms": 1000 * (now - last_read)})
-        last_read = now
+        log.train_metrics(done, {**metrics, "step_ms": step_times.step_ms(pending[2])})
         progress.update(done)
         if not loop_control.all_finite(metrics):  # stop, naming the leaves that went non-finite
             stream.set_state(data_state)
@@ -508,7 +506,8 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
     # collector's full passes skip them instead of stalling the loop for tens of milliseconds.
     gc.collect()
     gc.freeze()
-    t0 = last_read = time.perf_counter()
+    t0 = time.perf_counter()
+    step_times.restart()
     for step in range(start, steps + 1):
         last = step == steps
         if val_due(cfg, step) or step == pause:
@@ -524,7 +523,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
             val_loss = evaluate(eval_steps[mode], state.params, val, cfg, mesh)
             log.val(step, val_loss, train_ms, train_ms / step if step else float("nan"))
             t0, eval_s = time.perf_counter(), eval_s + time.perf_counter() - t0
-            last_read = t0
+            step_times.restart()
         if last or step == pause:
             break
         state, metrics = compiled(state, next_batch(), step)
@@ -532,7 +531,7 @@ def _run(cfg: Config, resume: str | None, stop: loop_control.StopSignals) -> dic
             state = untie(state)
         if pending is not None:  # read step n-1's metrics while step n runs
             read_pending()
-        pending = (step + 1, metrics)
+        pending = (step + 1, metrics, step_times.watch(metrics))
         clock = train_ms + 1000 * (time.perf_counter() - t0)
         ckpt.step_done(step + 1, state, stream, clock, force=stop.signal is not None or step + 1 == pause)
         if stop.signal is not None:
