@@ -34,9 +34,13 @@ from jaxrun.model.layers import add_update, stream_norm
 from pallas_kernels.rms_norm_bwd import rms_norm_bwd
 
 D = 768
-# (block_rows, num_warps); the kernel's default is (16, 4). 16 rows on 2 warps, and 32 or 64 rows on
-# 2 or 4, ran 7-9x slower on an H100 (docs/PERF.md): left out.
-TILINGS = [(2, 2), (4, 2), (4, 4), (8, 2), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8)]
+# (block_rows, chunk_rows, num_warps): a program owns block_rows rows and walks them chunk_rows
+# at a time; the kernel's default is (64, 4, 4), the fastest of these on an H100 (docs/PERF.md)
+TILINGS = [(16, 16, 4), (8, 8, 4), (32, 4, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 8, 4)] + [
+    (128, 8, 8),
+    (256, 8, 8),
+    (256, 16, 8),
+]
 
 
 def step_form(fused_bwd, fold: bool):
@@ -69,12 +73,17 @@ def main() -> None:
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run: the kernel interpreted
     moved = 4 * args.n * D * 2  # bytes: x, g, r in and r + dx out, bf16
 
-    def kernel(rows=16, warps=4):
-        return functools.partial(rms_norm_bwd, block_rows=rows, num_warps=warps, interpret=interpret)
+    def kernel(rows=16, chunk=16, warps=4):
+        return functools.partial(
+            rms_norm_bwd, block_rows=rows, chunk_rows=chunk, num_warps=warps, interpret=interpret
+        )
 
     variants = [("xla", step_form(None, True)), ("pallas, bias by XLA", step_form(kernel(), False))] + [
-        (f"pallas, bias folded, rows={rows} warps={warps}", step_form(kernel(rows, warps), True))
-        for rows, warps in TILINGS
+        (
+            f"pallas, bias folded, rows={rows} chunk={chunk} warps={warps}",
+            step_form(kernel(rows, chunk, warps), True),
+        )
+        for rows, chunk, warps in TILINGS
     ]
     print(f"device: {jax.devices()[0].device_kind}, n={args.n}, D={D}, bf16")
     memory_pass.compare(variants, inputs, moved, args.json)
