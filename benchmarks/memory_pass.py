@@ -15,6 +15,14 @@ import jax.numpy as jnp
 from benchmarks.mlp_ce_bench import time_it
 
 
+@jax.jit
+def _rel_err(got, ref):
+    """max |got - ref| / max |ref|, in one fusion: eager ops would write float32 copies of
+    [N, V] outputs (13 GB at `simple`'s head) and run an 80 GB card out of memory."""
+    ref = ref.astype(jnp.float32)
+    return jnp.max(jnp.abs(got.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))
+
+
 def compare(variants, inputs, moved_bytes: int, json_path: str | None = None) -> list[dict]:
     """Prints one line per `(name, jitted fn)` and returns the rows (also written to `json_path`)."""
     rows, want = [], None
@@ -22,10 +30,7 @@ def compare(variants, inputs, moved_bytes: int, json_path: str | None = None) ->
         compiled = fn.lower(*inputs).compile()
         out = compiled(*inputs)
         want = out if want is None else want
-        err = max(
-            float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref)))
-            for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want))
-        )
+        err = max(float(_rel_err(got, ref)) for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want)))
         ms, ms_min, _ = time_it(compiled, inputs)
         row = {
             "variant": name,

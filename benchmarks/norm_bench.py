@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=65536, help="tokens per micro-batch (a multiple of 1024)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
+    if args.n <= 0 or args.n % 1024:
+        p.error(f"--n must be a positive multiple of 1024, got {args.n}")
     k = jax.random.split(jax.random.key(0), 6)
     shape = (args.n // 1024, 1024, D)
     x, y = ((3 * jax.random.normal(kk, shape)).astype(jnp.bfloat16) for kk in k[:2])
@@ -73,7 +75,7 @@ def main() -> None:
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run: the kernel interpreted
     moved = 4 * args.n * D * 2  # bytes: x, g, r in and r + dx out, bf16
 
-    def kernel(rows=16, chunk=16, warps=4):
+    def kernel(rows=64, chunk=4, warps=4):
         return functools.partial(
             rms_norm_bwd, block_rows=rows, chunk_rows=chunk, num_warps=warps, interpret=interpret
         )
