@@ -57,6 +57,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_KERNEL_NAME = re.compile(r', name = "([\w.\-]+)"')
 
 
 def _computations(hlo: str) -> dict[str, list[tuple[str, str, str]]]:
@@ -134,6 +135,8 @@ def hlo_categories(hlo: str) -> dict[str, str]:
             continue
         for name, opcode, rest in instrs:
             out[name] = _classify_instr(opcode, rest, comps)
+            if kernel := _KERNEL_NAME.search(rest) if opcode == "custom-call" else None:
+                out[kernel.group(1)] = out[name]  # a Triton kernel's events carry its own name
     return out
 
 

@@ -57,6 +57,19 @@ def test_custom_calls_by_target(rest, category):
     assert profile_step._classify_instr("custom-call", rest, {}) == category
 
 
+def test_triton_kernels_are_found_by_their_kernel_name():
+    """A Pallas Triton kernel's trace events carry the kernel's name, not its HLO instruction's:
+    the name in the custom call's backend config maps to the instruction's category."""
+    hlo = (
+        "ENTRY %main (p: f32[8]) -> f32[8] {\n"
+        '  %pallas_call.7 = f32[8]{0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", '
+        'backend_config={debug = false, grid_x = 4 : i32, name = "qkv_grad", num_warps = 4 : i32}\n'
+        "}\n"
+    )
+    by_instr = {profile_step._norm(k): v for k, v in profile_step.hlo_categories(hlo).items()}
+    assert profile_step.classify("qkv_grad", {}, by_instr) == "pallas"
+
+
 def test_breakdown_of_a_gpu_trace_sums_stream_kernels_per_step():
     """Events on the device's stream lines count, by their HLO op; host lines and other device lines do not."""
     hlo_cats = {profile_step._norm("fusion.1"): "reductions"}
