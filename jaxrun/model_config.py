@@ -177,6 +177,10 @@ class KernelConfig:
     # "pallas": with loss="xla_fused", the backward's pass over the logits (bf16 dL/dz and the bias's
     # column sum together) as one kernel (pallas_kernels/logit_grad.py). "auto": as for norm.
     logit_grad: Literal["auto", "xla", "pallas"] = "xla"
+    # "pallas": the backward of the q/k/v projections, QK-norm and 'halves' RoPE as one pass that
+    # writes [dq | dk | dv] with the biases' column sums, then one GEMM per gradient
+    # (pallas_kernels/qkv_grad.py, jaxrun/model/qkv.py). "auto": as for norm.
+    qkv: Literal["auto", "xla", "pallas"] = "xla"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,6 +221,7 @@ class ModelConfig:
         check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
         check_choice(node + ".kernels", "norm", self.kernels.norm, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("auto", "xla", "pallas"))
+        check_choice(node + ".kernels", "qkv", self.kernels.qkv, ("auto", "xla", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
         check(
@@ -243,6 +248,12 @@ class ModelConfig:
             f"'xla_fused', model.head.fp8 unset) over a vocabulary that is a multiple of 128, not loss="
             f"{self.kernels.loss!r}, fp8={self.head.fp8}, vocab_size={self.vocab_size}",
         )
+        check(
+            self.kernels.qkv != "pallas" or self.fused_qkv_fits,
+            "model.kernels.qkv='pallas' is the backward of QK-norm and 'halves' RoPE over heads of a "
+            f"power-of-two width >= 32, not attn.qk_norm={self.attn.qk_norm}, attn.rope={self.attn.rope}, "
+            f"head_dim={self.head_dim}",
+        )
         for field in ("fp8_up", "fp8_down"):
             check(
                 not getattr(self.mlp, field)
@@ -260,6 +271,18 @@ class ModelConfig:
         )
         self._check_rope()
         self._check_layers()
+
+    @property
+    def fused_qkv_fits(self) -> bool:
+        """Whether `kernels.qkv='pallas'` applies: QK-norm, 'halves' RoPE, power-of-two heads >= 32."""
+        rope, k = self.attn.rope, self.head_dim
+        return (
+            self.attn.qk_norm
+            and rope is not None
+            and rope.pairing == "halves"
+            and k >= 32
+            and not k & (k - 1)
+        )
 
     @property
     def _record_head(self) -> bool:

@@ -11,7 +11,15 @@ import pytest
 
 import launch
 from jaxrun import model
-from jaxrun.config import AttentionConfig, EmbedConfig, HeadConfig, KernelConfig, MLPConfig, ModelConfig
+from jaxrun.config import (
+    AttentionConfig,
+    EmbedConfig,
+    HeadConfig,
+    KernelConfig,
+    MLPConfig,
+    ModelConfig,
+    RopeConfig,
+)
 from jaxrun.model import embeddings
 
 TINY = {"num_layers": 2, "model_dim": 64, "head_dim": 16, "vocab_size": 256, "max_seq_len": 64}
@@ -181,12 +189,52 @@ def test_pallas_logit_grad_matches_xla(dtype):
     _assert_grads_close(grads_pallas, grads_xla, tol)
 
 
+@pytest.mark.parametrize("biases", [True, False], ids=["biases", "no_biases"])
+def test_pallas_qkv_matches_xla(biases):
+    """The q/k/v projections' backward as one Pallas pass and one GEMM per gradient (interpreted on
+    CPU). In float32 it gives autodiff's gradients. In bf16 the forward is the same, and against
+    the float32 model's gradients it is at least as close as autodiff: its weight gradients leave
+    the GEMM in float32 and dL/dh is one float32 sum over q, k and v, where autodiff rounds each
+    GEMM's output to bf16 (and XLA on the CPU accumulates bf16 dots in bf16)."""
+    import dataclasses
+
+    base = dataclasses.replace(
+        SIMPLE_STYLE, init="gpt2", linear_biases=biases, head_dim=32
+    )  # heads >= 32 wide
+    params = model.init(jax.random.key(19), base)
+    if biases:  # nonzero biases, so their gradients pass through a shifted projection
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.1 if "b_" in jax.tree_util.keystr(path) else x, params
+        )
+    batch = {"inputs": tokens(20), "targets": tokens(21)}
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = dataclasses.replace(base, compute_dtype=dtype)
+        fused = dataclasses.replace(cfg, kernels=KernelConfig(qkv="pallas"))
+        loss_xla, grads[dtype, "xla"] = jax.value_and_grad(model.loss)(params, batch, cfg)
+        loss_pallas, grads[dtype, "pallas"] = jax.value_and_grad(model.loss)(params, batch, fused)
+        assert loss_pallas == loss_xla, dtype  # the forward is the same XLA
+    _assert_grads_close(grads["float32", "pallas"], grads["float32", "xla"], 1e-5)
+    exact = grads["float32", "xla"]
+    for path, want in jax.tree_util.tree_leaves_with_path(exact):
+        scale = float(jnp.max(jnp.abs(want))) or 1.0
+        errs = {
+            impl: float(jnp.max(jnp.abs(_leaf(grads["bfloat16", impl], path) - want))) / scale
+            for impl in ("xla", "pallas")
+        }
+        assert errs["pallas"] <= 1.1 * errs["xla"] + 1e-3, f"{jax.tree_util.keystr(path)}: {errs}"
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
 def _assert_grads_close(grads, want, tol):
     """Every leaf within `tol` of `want`'s, relative to that leaf's largest entry; names the leaf."""
     for path, g in jax.tree_util.tree_leaves_with_path(want):
-        got = grads
-        for key in path:
-            got = got[key.key]
+        got = _leaf(grads, path)
         scale = float(jnp.max(jnp.abs(g))) or 1.0
         err = float(jnp.max(jnp.abs(got - g))) / scale
         assert err <= tol, f"{jax.tree_util.keystr(path)}: {err:.3g} of max {scale:.3g}"
@@ -203,6 +251,10 @@ def test_kernel_switches_are_validated():
         ModelConfig(kernels=KernelConfig(loss="xla", logit_grad="pallas"))
     with pytest.raises(ConfigError, match="kernels.norm='pallas' is RMSNorm's backward"):
         ModelConfig(kernels=KernelConfig(norm="pallas"), norm="layernorm")
+    with pytest.raises(ConfigError, match="kernels.qkv='pallas' is the backward of QK-norm"):
+        ModelConfig(
+            kernels=KernelConfig(qkv="pallas"), attn=AttentionConfig(rope=RopeConfig(pairing="interleaved"))
+        )
 
 
 def test_eval_losses_in_chunks_equal_whole(monkeypatch):

@@ -10,7 +10,15 @@ import jax
 import pytest
 
 import launch
-from jaxrun.config import Config, DataConfig, KernelConfig, ModelConfig, TrainConfig
+from jaxrun.config import (
+    AttentionConfig,
+    Config,
+    DataConfig,
+    KernelConfig,
+    ModelConfig,
+    RopeConfig,
+    TrainConfig,
+)
 from jaxrun.model import kernels
 from jaxrun.runlog import RunLog
 
@@ -145,7 +153,7 @@ def test_the_header_names_each_kernel_as_resolved_here(tmp_path, monkeypatch):
     log = RunLog(cfg)
     log.header(jax.make_mesh((1,), ("dp",)))
     assert (
-        "kernels: attention xla · mlp xla · loss xla · norm xla · logit_grad xla"
+        "kernels: attention xla · mlp xla · loss xla · norm xla · logit_grad xla · qkv xla"
         in (log.run_dir / "log.txt").read_text()
     )
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
@@ -165,11 +173,23 @@ def test_auto_norm_and_logit_pass_resolve_per_backend_and_fit(loss, want, monkey
     assert kernels.norm_impl(layer_norm) == "xla"
 
 
-def test_simple_runs_both_pallas_passes_on_a_gpu_only(monkeypatch):
+def test_auto_qkv_pass_resolves_per_backend_and_fit(monkeypatch):
+    """`auto` runs the projections' one-pass backward on a GPU where the model has QK-norm and
+    'halves' RoPE over power-of-two heads; XLA on the CPU and for record #77's interleaved RoPE."""
+    m = ModelConfig(kernels=KernelConfig(qkv="auto"))
+    assert kernels.qkv_impl(m) == "xla"
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    assert kernels.qkv_impl(m) == "pallas"
+    interleaved = dataclasses.replace(m, attn=AttentionConfig(rope=RopeConfig(pairing="interleaved")))
+    no_qk_norm = dataclasses.replace(m, attn=AttentionConfig(qk_norm=False))
+    assert kernels.qkv_impl(interleaved) == kernels.qkv_impl(no_qk_norm) == "xla"
+
+
+def test_simple_runs_its_pallas_passes_on_a_gpu_only(monkeypatch):
     """`simple`'s GPU default is the fast path; on the CPU the same config runs XLA."""
     simple = launch.load_config("simple").model
     on_cpu = kernels.resolved(simple, documents=False)
-    assert (on_cpu["norm"], on_cpu["logit_grad"]) == ("xla", "xla")
+    assert (on_cpu["norm"], on_cpu["logit_grad"], on_cpu["qkv"]) == ("xla", "xla", "xla")
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
     assert kernels.resolved(simple, documents=False) == {
         "attention": "cudnn",
@@ -177,4 +197,5 @@ def test_simple_runs_both_pallas_passes_on_a_gpu_only(monkeypatch):
         "loss": "xla_fused",
         "norm": "pallas",
         "logit_grad": "pallas",
+        "qkv": "pallas",
     }

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrun.config import ModelConfig
-from jaxrun.model import kernels
+from jaxrun.model import kernels, qkv
 from jaxrun.model.layers import Initializer, Params, init_norm, linear, mul, rms_norm, scaled
 from jaxrun.model.plan import LayerPlan
 from jaxrun.param_table import OptimRow
@@ -149,11 +149,10 @@ def rotary_tables(cfg: ModelConfig, seq_len: int, mode: Mode = Mode(), paired: b
 
 def rotate(x_BTHK: jax.Array, cos_TK: jax.Array, sin_TK: jax.Array, pairing: str) -> jax.Array:
     """Rotate each head's dim pairs by position × frequency."""
-    cos, sin = cos_TK[None, :, None, :], sin_TK[None, :, None, :]
-    if pairing == "halves":  # in float32, as train_gpt_simple.py does
-        x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
-        return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1).astype(x_BTHK.dtype)
+    if pairing == "halves":
+        return qkv.rotate_halves(x_BTHK, cos_TK, sin_TK)
     # adjacent pairs, in the activation dtype with the tables cast to it, as record #77 does
+    cos, sin = cos_TK[None, :, None, :], sin_TK[None, :, None, :]
     dtype = x_BTHK.dtype
     pairs = x_BTHK.reshape(*x_BTHK.shape[:-1], -1, 2)
     swapped = jnp.stack([pairs[..., 1], -pairs[..., 0]], axis=-1).reshape(x_BTHK.shape)
@@ -181,21 +180,27 @@ def forward(
     w = {name: p[name] for name in ("w_q", "w_k", "w_v", "w_o")}
     if "sa_lambdas" in p:  # the lambdas scale the weights, so their gradients follow (record #77)
         w = {name: scaled(p["sa_lambdas"][0 if name != "w_o" else 1], m, dtype) for name, m in w.items()}
-    q_BTHK, k_BTHK, v_BTHK = (
-        linear(h_BTD, p | w, f"w_{n}", f"b_{n}").reshape(B, T, H, K) for n in ("q", "k", "v")
-    )
-    if cfg.attn.qk_norm:
-        q_BTHK, k_BTHK = rms_norm(q_BTHK), rms_norm(k_BTHK)
-    scale = attention_scale(cfg, mode)
-    window = window_tokens(cfg, lp, mode)
+    qkv_grad = kernels.qkv_grad(cfg)
+    fused = qkv_grad is not None and not lp.paired and not lp.key_offset
+    if fused:  # projections, norm and rotation with their backward as one pass (qkv.py)
+        cos, sin = rotary_tables(cfg, T, mode)
+        q_BTHK, k_BTHK, v_BTHK = qkv.project(p | w, h_BTD, cos, sin, H, qkv_grad)
+    else:
+        q_BTHK, k_BTHK, v_BTHK = (
+            linear(h_BTD, p | w, f"w_{n}", f"b_{n}").reshape(B, T, H, K) for n in qkv.NAMES
+        )
+        if cfg.attn.qk_norm:
+            q_BTHK, k_BTHK = rms_norm(q_BTHK), rms_norm(k_BTHK)
     if lp.paired:
         q_BTHK, k_BTHK, v_BTHK, segment_ids_BT = _pair_heads(
             q_BTHK, k_BTHK, v_BTHK, segment_ids_BT, cfg, mode
         )
-    elif cfg.attn.rope is not None:
+    elif cfg.attn.rope is not None and not fused:
         cos, sin = rotary_tables(cfg, T, mode)
         pairing = cfg.attn.rope.pairing
         q_BTHK, k_BTHK = rotate(q_BTHK, cos, sin, pairing), rotate(k_BTHK, cos, sin, pairing)
+    scale = attention_scale(cfg, mode)
+    window = window_tokens(cfg, lp, mode)
     if lp.key_offset:  # keys' still half looks one token back: 1-layer induction heads (record #77)
         still = k_BTHK[:, :, :, K // 2 :]
         shifted = jnp.concatenate([still[:, :1], still[:, :-1]], axis=1)

@@ -109,6 +109,14 @@ def logit_grad_impl(cfg: ModelConfig) -> str:
     return "pallas" if fits and jax.default_backend() == "gpu" else "xla"
 
 
+def qkv_impl(cfg: ModelConfig) -> str:
+    """`kernels.qkv` on this backend: `auto` is the Pallas backward on a GPU where it applies
+    (`ModelConfig.fused_qkv_fits`), XLA elsewhere."""
+    if cfg.kernels.qkv != "auto":
+        return cfg.kernels.qkv
+    return "pallas" if cfg.fused_qkv_fits and jax.default_backend() == "gpu" else "xla"
+
+
 def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
     """Each kernel's implementation on this backend, `auto` resolved, for the run header."""
     k = cfg.kernels
@@ -119,6 +127,7 @@ def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
         "loss": k.loss,
         "norm": norm_impl(cfg),
         "logit_grad": logit_grad_impl(cfg),
+        "qkv": qkv_impl(cfg),
     }
 
 
@@ -160,6 +169,19 @@ def rms_norm_bwd(cfg: ModelConfig) -> Callable[..., tuple] | None:
     RMSNorm's backward with the residual stream's gradient added, as one kernel; None where XLA
     differentiates the norm."""
     return _rms_norm_bwd_pallas if norm_impl(cfg) == "pallas" else None
+
+
+def _qkv_grad_pallas(*args, heads, column_sum):
+    from pallas_kernels.qkv_grad import qkv_grad
+
+    return qkv_grad(*args, heads=heads, column_sum=column_sum, interpret=interpret())
+
+
+def qkv_grad(cfg: ModelConfig) -> Callable[..., tuple] | None:
+    """`fn(dq, dk, dv, q, k, rstd_q, rstd_k, cos, sin, *, heads, column_sum) -> ([dq | dk | dv],
+    column sums)`: the backward of the q/k/v projections' norm and rotation as one kernel
+    (jaxrun/model/qkv.py); None where autodiff runs it in XLA."""
+    return _qkv_grad_pallas if qkv_impl(cfg) == "pallas" else None
 
 
 def _softcap_ce_pallas(h_ND, w_DV, targets_N, b_V, *, cap, cap_value):

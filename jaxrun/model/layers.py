@@ -34,6 +34,12 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return _rms_norm(x, None)
 
 
+def rms_norm_and_rstd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`rms_norm(x)` and its float32 `1/sqrt(mean(x²) + eps)`, shaped `[..., 1]`."""
+    y, (_, _, rstd) = _rms_norm_fwd(x, None)
+    return y, rstd
+
+
 def norm(x: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
     """The model's norm (LayerNorm or RMSNorm) with its optional gain and bias `p`."""
     if cfg.norm == "rmsnorm":
