@@ -17,11 +17,13 @@ def get_config() -> Config:
         name="simple",
         # The ModelConfig defaults are this recipe's; the head and loss run as one custom VJP
         # (bf16 logits, no float32 [N, V] round trips): the same function, faster. On a GPU the
-        # norms' backward, the head's logit pass and the q/k/v projections' backward run as
+        # norms' backward, the head's two logit passes and the q/k/v projections' backward run as
         # Pallas kernels, XLA elsewhere.
         model=ModelConfig(
             scan_layers=False,
-            kernels=KernelConfig(loss="xla_fused", norm="auto", logit_grad="auto", qkv="auto"),
+            kernels=KernelConfig(
+                loss="xla_fused", norm="auto", logit_lse="auto", logit_grad="auto", qkv="auto"
+            ),
         ),
         optim=OptimConfig(kind="muon_adam", muon_ns="simple", cooldown_frac=0.7, loss_reduction="sum"),
         data=DataConfig(seq_len=1024, batch_seqs=512, val_tokens=10_485_760),

@@ -177,6 +177,9 @@ class KernelConfig:
     # "pallas": with loss="xla_fused", the backward's pass over the logits (bf16 dL/dz and the bias's
     # column sum together) as one kernel (pallas_kernels/logit_grad.py). "auto": as for norm.
     logit_grad: Literal["auto", "xla", "pallas"] = "xla"
+    # "pallas": with loss="xla_fused", the forward's log-sum-exp over the logits as one kernel
+    # (pallas_kernels/logit_lse.py). "auto": as for norm.
+    logit_lse: Literal["auto", "xla", "pallas"] = "xla"
     # "pallas": the backward of the q/k/v projections, QK-norm and 'halves' RoPE as one pass that
     # writes [dq | dk | dv] with the biases' column sums, then one GEMM per gradient
     # (pallas_kernels/qkv_grad.py, jaxrun/model/qkv.py). "auto": as for norm.
@@ -221,6 +224,7 @@ class ModelConfig:
         check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
         check_choice(node + ".kernels", "norm", self.kernels.norm, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("auto", "xla", "pallas"))
+        check_choice(node + ".kernels", "logit_lse", self.kernels.logit_lse, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "qkv", self.kernels.qkv, ("auto", "xla", "pallas"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
@@ -241,13 +245,13 @@ class ModelConfig:
             f"model.kernels.norm='pallas' is RMSNorm's backward over a width that is a multiple of 16, "
             f"not model.norm={self.norm!r} with model.model_dim={self.model_dim}",
         )
-        check(
-            self.kernels.logit_grad != "pallas"
-            or (self.kernels.loss == "xla_fused" and self.head.fp8 is None and self.vocab_size % 128 == 0),
-            "model.kernels.logit_grad='pallas' is a pass of the fused head loss without FP8 (model.kernels.loss="
-            f"'xla_fused', model.head.fp8 unset) over a vocabulary that is a multiple of 128, not loss="
-            f"{self.kernels.loss!r}, fp8={self.head.fp8}, vocab_size={self.vocab_size}",
-        )
+        for field in ("logit_lse", "logit_grad"):
+            check(
+                getattr(self.kernels, field) != "pallas" or self.logit_pass_fits,
+                f"model.kernels.{field}='pallas' is a pass of the fused head loss without FP8 (model.kernels."
+                "loss='xla_fused', model.head.fp8 unset) over a vocabulary that is a multiple of 128, not "
+                f"loss={self.kernels.loss!r}, fp8={self.head.fp8}, vocab_size={self.vocab_size}",
+            )
         check(
             self.kernels.qkv != "pallas" or self.fused_qkv_fits,
             "model.kernels.qkv='pallas' is the backward of QK-norm and 'halves' RoPE over heads of a "
@@ -271,6 +275,12 @@ class ModelConfig:
         )
         self._check_rope()
         self._check_layers()
+
+    @property
+    def logit_pass_fits(self) -> bool:
+        """Whether `kernels.logit_lse/logit_grad='pallas'` apply: the fused XLA head loss without
+        FP8 over a vocabulary that is a multiple of 128."""
+        return self.kernels.loss == "xla_fused" and self.head.fp8 is None and self.vocab_size % 128 == 0
 
     @property
     def fused_qkv_fits(self) -> bool:

@@ -197,7 +197,7 @@ def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """Pallas kernels train on GPUs only: off a GPU they need the interpreter, which shard_map breaks."""
     fields = [
         f"model.kernels.{f}"
-        for f in ("attention", "mlp", "loss", "norm", "logit_grad", "qkv")
+        for f in ("attention", "mlp", "loss", "norm", "logit_lse", "logit_grad", "qkv")
         if getattr(cfg.model.kernels, f) == "pallas"
     ] + (["optim.muon_ns_impl"] if cfg.optim.muon_ns_impl == "pallas" else [])
     platform = mesh.devices.flat[0].platform

@@ -171,20 +171,30 @@ def test_pallas_norm_matches_xla(dtype, scan):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_pallas_logit_grad_matches_xla(dtype):
-    """The fused head loss with its logit pass as a Pallas kernel (interpreted on CPU) gives the
-    XLA pass's gradients: the same forward, every gradient within a bf16 rounding of dL/dz."""
+@pytest.mark.parametrize(
+    "passes", [("logit_grad",), ("logit_lse", "logit_grad")], ids=["grad", "lse_and_grad"]
+)
+def test_pallas_logit_passes_match_xla(dtype, passes):
+    """The fused head loss with its passes over the logits as Pallas kernels (interpreted on CPU)
+    gives the XLA passes' loss and gradients: the log-sum-exp summed in another order (and, in
+    bf16, z + b rounded to bf16 where XLA keeps it in float32), every gradient within a bf16
+    rounding of dL/dz."""
     import dataclasses
 
     cfg = dataclasses.replace(
         SIMPLE_STYLE, init="gpt2", compute_dtype=dtype, kernels=KernelConfig(loss="xla_fused")
     )
-    fused = dataclasses.replace(cfg, kernels=KernelConfig(loss="xla_fused", logit_grad="pallas"))
+    fused = dataclasses.replace(
+        cfg, kernels=KernelConfig(loss="xla_fused", **dict.fromkeys(passes, "pallas"))
+    )
     params = model.init(jax.random.key(16), cfg)
     batch = {"inputs": tokens(17), "targets": tokens(18)}
     loss_xla, grads_xla = jax.value_and_grad(model.loss)(params, batch, cfg)
     loss_pallas, grads_pallas = jax.value_and_grad(model.loss)(params, batch, fused)
-    assert loss_pallas == loss_xla  # the forward is the same XLA
+    if "logit_lse" in passes:
+        np.testing.assert_allclose(loss_pallas, loss_xla, rtol={"float32": 1e-6, "bfloat16": 1e-4}[dtype])
+    else:
+        assert loss_pallas == loss_xla  # the forward is the same XLA
     tol = {"float32": 1e-6, "bfloat16": 1e-2}[dtype]
     _assert_grads_close(grads_pallas, grads_xla, tol)
 
@@ -249,6 +259,8 @@ def test_kernel_switches_are_validated():
         ModelConfig(kernels=KernelConfig(loss="pallas"), head=HeadConfig(softcap="tanh"))
     with pytest.raises(ConfigError, match="kernels.logit_grad='pallas' is a pass of the fused head loss"):
         ModelConfig(kernels=KernelConfig(loss="xla", logit_grad="pallas"))
+    with pytest.raises(ConfigError, match="kernels.logit_lse='pallas' is a pass of the fused head loss"):
+        ModelConfig(kernels=KernelConfig(loss="xla", logit_lse="pallas"))
     with pytest.raises(ConfigError, match="kernels.norm='pallas' is RMSNorm's backward"):
         ModelConfig(kernels=KernelConfig(norm="pallas"), norm="layernorm")
     with pytest.raises(ConfigError, match="kernels.qkv='pallas' is the backward of QK-norm"):

@@ -153,7 +153,7 @@ def test_the_header_names_each_kernel_as_resolved_here(tmp_path, monkeypatch):
     log = RunLog(cfg)
     log.header(jax.make_mesh((1,), ("dp",)))
     assert (
-        "kernels: attention xla · mlp xla · loss xla · norm xla · logit_grad xla · qkv xla"
+        "kernels: attention xla · mlp xla · loss xla · norm xla · logit_lse xla · logit_grad xla · qkv xla"
         in (log.run_dir / "log.txt").read_text()
     )
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
@@ -165,10 +165,11 @@ def test_the_header_names_each_kernel_as_resolved_here(tmp_path, monkeypatch):
 def test_auto_norm_and_logit_pass_resolve_per_backend_and_fit(loss, want, monkeypatch):
     """`auto` is the Pallas pass on a GPU wherever it applies and XLA on the CPU: the logit pass
     needs the fused XLA loss, the norm kernel RMSNorm over a width that is a multiple of 16."""
-    m = ModelConfig(kernels=KernelConfig(loss=loss, norm="auto", logit_grad="auto"))
-    assert (kernels.norm_impl(m), kernels.logit_grad_impl(m)) == ("xla", "xla")
+    m = ModelConfig(kernels=KernelConfig(loss=loss, norm="auto", logit_lse="auto", logit_grad="auto"))
+    impls = (kernels.norm_impl, kernels.logit_lse_impl, kernels.logit_grad_impl)
+    assert [impl(m) for impl in impls] == ["xla"] * 3
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
-    assert (kernels.norm_impl(m), kernels.logit_grad_impl(m)) == ("pallas", want)
+    assert [impl(m) for impl in impls] == ["pallas", want, want]
     layer_norm = dataclasses.replace(m, norm="layernorm")
     assert kernels.norm_impl(layer_norm) == "xla"
 
@@ -196,6 +197,7 @@ def test_simple_runs_its_pallas_passes_on_a_gpu_only(monkeypatch):
         "mlp": "xla",
         "loss": "xla_fused",
         "norm": "pallas",
+        "logit_lse": "pallas",
         "logit_grad": "pallas",
         "qkv": "pallas",
     }

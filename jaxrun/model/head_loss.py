@@ -56,27 +56,30 @@ def _add_bias(zraw_NV, b_V):
     return zraw_NV if b_V is None else zraw_NV + b_V.astype(zraw_NV.dtype)[None]
 
 
-def _forward(h_ND, w_DV, b_V, targets_N, cap, c):
+def _forward(h_ND, w_DV, b_V, targets_N, cap, c, logit_lse):
     zraw_NV = h_ND @ w_DV.astype(h_ND.dtype)
     z_NV = _add_bias(zraw_NV, b_V)
-    s_NV, _ = _cap(z_NV.astype(_F32), cap, c)
-    lse_N = c + jnp.log(jnp.sum(jnp.exp(s_NV - c), axis=-1))
+    if logit_lse is None:
+        s_NV, _ = _cap(z_NV.astype(_F32), cap, c)
+        lse_N = c + jnp.log(jnp.sum(jnp.exp(s_NV - c), axis=-1))
+    else:  # the same sum as one kernel over zraw
+        lse_N = logit_lse(zraw_NV, b_V, cap=cap, cap_value=c)
     z_target_N = jnp.take_along_axis(z_NV, jnp.maximum(targets_N, 0)[:, None], axis=-1)[:, 0]
     s_target_N, _ = _cap(z_target_N.astype(_F32), cap, c)
     return jnp.where(targets_N >= 0, lse_N - s_target_N, 0.0), (zraw_NV, lse_N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _softcap_ce(h_ND, w_DV, b_V, targets_N, cap, c, logit_grad):
-    return _forward(h_ND, w_DV, b_V, targets_N, cap, c)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _softcap_ce(h_ND, w_DV, b_V, targets_N, cap, c, logit_lse, logit_grad):
+    return _forward(h_ND, w_DV, b_V, targets_N, cap, c, logit_lse)[0]
 
 
-def _softcap_ce_fwd(h_ND, w_DV, b_V, targets_N, cap, c, logit_grad):
-    losses_N, (zraw_NV, lse_N) = _forward(h_ND, w_DV, b_V, targets_N, cap, c)
+def _softcap_ce_fwd(h_ND, w_DV, b_V, targets_N, cap, c, logit_lse, logit_grad):
+    losses_N, (zraw_NV, lse_N) = _forward(h_ND, w_DV, b_V, targets_N, cap, c, logit_lse)
     return losses_N, (h_ND, w_DV, b_V, targets_N, zraw_NV, lse_N)
 
 
-def _softcap_ce_bwd(cap, c, logit_grad, res, g_N):
+def _softcap_ce_bwd(cap, c, logit_lse, logit_grad, res, g_N):
     h_ND, w_DV, b_V, targets_N, zraw_NV, lse_N = res
     # Without the barrier XLA merges this recomputed cap with the forward's (one jit holds both)
     # and keeps the float32 capped logits alive from the forward to here.
@@ -111,6 +114,7 @@ def softcap_ce(
     *,
     cap: str = "isru",
     cap_value: float = 15.0,
+    logit_lse=None,
     logit_grad=None,
 ) -> jax.Array:
     """Per-token cross-entropy [N] (float32) of `cap(h @ w + b)` against `targets`; 0 where targets < 0.
@@ -122,6 +126,8 @@ def softcap_ce(
       b_V: optional head bias, added in h's dtype.
       cap: "isru" (c·z/√(z²+c²), train_gpt_simple) or "tanh" (c·tanh(z/c)).
       cap_value: c.
+      logit_lse: `fn(zraw, b, *, cap, cap_value) -> lse` for the forward's pass over the logits
+        (`kernels.logit_lse`), or None for XLA's reduction.
       logit_grad: `fn(zraw, b, targets, lse, g, *, cap, cap_value) -> (bf16 dz, db)` for the
         backward's pass over the logits (`kernels.logit_grad`), or None for XLA's two passes.
 
@@ -129,7 +135,8 @@ def softcap_ce(
     """
     if cap not in CAPS:
         raise ValueError(f"cap must be one of {CAPS}, got {cap!r}")
-    return _softcap_ce(h_ND, w_DV, b_V, targets_N.astype(jnp.int32), cap, float(cap_value), logit_grad)
+    targets_N = targets_N.astype(jnp.int32)
+    return _softcap_ce(h_ND, w_DV, b_V, targets_N, cap, float(cap_value), logit_lse, logit_grad)
 
 
 def softcap_ce_reference(h_ND, w_DV, targets_N, b_V=None, *, cap="isru", cap_value=15.0) -> jax.Array:

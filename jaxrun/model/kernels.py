@@ -102,11 +102,20 @@ def norm_impl(cfg: ModelConfig) -> str:
 
 def logit_grad_impl(cfg: ModelConfig) -> str:
     """`kernels.logit_grad` on this backend: `auto` is the Pallas pass on a GPU where it applies
-    (the fused XLA head loss without FP8, a vocabulary that is a multiple of 128), XLA elsewhere."""
-    if cfg.kernels.logit_grad != "auto":
-        return cfg.kernels.logit_grad
-    fits = cfg.kernels.loss == "xla_fused" and cfg.head.fp8 is None and cfg.vocab_size % 128 == 0
-    return "pallas" if fits and jax.default_backend() == "gpu" else "xla"
+    (`ModelConfig.logit_pass_fits`: the fused XLA head loss without FP8, a vocabulary that is a
+    multiple of 128), XLA elsewhere."""
+    return _logit_pass_impl(cfg.kernels.logit_grad, cfg)
+
+
+def logit_lse_impl(cfg: ModelConfig) -> str:
+    """`kernels.logit_lse` on this backend, `auto` resolved as for `logit_grad`."""
+    return _logit_pass_impl(cfg.kernels.logit_lse, cfg)
+
+
+def _logit_pass_impl(choice: str, cfg: ModelConfig) -> str:
+    if choice != "auto":
+        return choice
+    return "pallas" if cfg.logit_pass_fits and jax.default_backend() == "gpu" else "xla"
 
 
 def qkv_impl(cfg: ModelConfig) -> str:
@@ -126,6 +135,7 @@ def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
         "mlp": k.mlp,
         "loss": k.loss,
         "norm": norm_impl(cfg),
+        "logit_lse": logit_lse_impl(cfg),
         "logit_grad": logit_grad_impl(cfg),
         "qkv": qkv_impl(cfg),
     }
@@ -203,13 +213,23 @@ def _logit_grad_pallas(zraw_NV, b_V, targets_N, lse_N, g_N, *, cap, cap_value):
     )
 
 
+def _logit_lse_pallas(zraw_NV, b_V, *, cap, cap_value):
+    from pallas_kernels.logit_lse import logit_lse
+
+    return logit_lse(zraw_NV, b_V, cap=cap, cap_value=cap_value, interpret=interpret())
+
+
 def fused_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
     """`fn(h [N, D], w [D, V], targets [N], b [V], *, cap, cap_value) -> losses [N]` when the head
     and loss run fused; None for the plain autodiff path ("xla") and for the FP8 head (`fp8_head_loss`)."""
     if cfg.head.fp8 is not None:
         return None
-    if logit_grad_impl(cfg) == "pallas":  # the config checks that loss is "xla_fused"
-        return functools.partial(head_loss.softcap_ce, logit_grad=_logit_grad_pallas)
+    passes = {  # the config checks that loss is "xla_fused" where either is "pallas"
+        "logit_lse": _logit_lse_pallas if logit_lse_impl(cfg) == "pallas" else None,
+        "logit_grad": _logit_grad_pallas if logit_grad_impl(cfg) == "pallas" else None,
+    }
+    if any(passes.values()):
+        return functools.partial(head_loss.softcap_ce, **passes)
     return _LOSS.get(cfg.kernels.loss)
 
 
