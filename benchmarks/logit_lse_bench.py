@@ -29,10 +29,10 @@ from jaxrun.model import head_loss
 from pallas_kernels.logit_lse import logit_lse
 
 V, CAP, C = 50304, "isru", 15.0
-# (block_rows, block_m, num_warps); the kernel's default, DEFAULT, is logit_grad's. block_v stays
-# 128: Triton tiles are powers of two and 50,304 = 393 · 128.
+# (block_rows, block_m, num_warps); the kernel's default, DEFAULT, was the fastest on an H100
+# (docs/PERF.md). block_v stays 128: Triton tiles are powers of two and 50,304 = 393 · 128.
 TILINGS = [(rows, m, warps) for rows in (256, 1024) for m in (16, 32, 64) for warps in (4, 8)]
-DEFAULT = (1024, 32, 4)
+DEFAULT = (1024, 32, 8)
 
 
 def xla_lse(zraw, b):

@@ -90,7 +90,7 @@ def logit_lse(
     block_rows: int = 1024,
     block_m: int = 32,
     block_v: int = 128,
-    num_warps: int = 4,
+    num_warps: int = 8,
     interpret: bool = False,
 ) -> jax.Array:
     """`lse [N]` float32 as `reference`, in one pass over the raw logits.
