@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxrun.model import qkv
 from jaxrun.model.layers import rms_norm_and_rstd
@@ -82,6 +83,30 @@ class TestQkvGradInterpret(_QkvGradTest):
     INTERPRET = True
     SHAPES = ((2, 64, 3, 64), (3, 24, 2, 32))  # several row blocks; T = 8·3
     TILES = (("block_rows", 16), ("chunk_rows", 4))
+
+
+@pytest.mark.gpu
+def test_compiled_inside_shard_map():
+    """Sequences split over every device, shard_map's varying-axes check on, as the train step
+    runs it; the bias sums added across devices."""
+    seed = _fresh_seed()
+    mesh = jax.make_mesh((jax.device_count(),), ("dp",))
+    b, t, heads, k = 2 * jax.device_count(), 256, 3, 64
+    args = _inputs(seed, b, t, heads, k, jnp.bfloat16)
+
+    def local(*a):
+        out, sums = qkv_grad(*a, heads=heads, column_sum=True)
+        return out, jax.lax.psum(sums, "dp")
+
+    rows, per_head, whole = P("dp"), P(None, "dp"), P()
+    specs = (rows,) * 5 + (per_head,) * 2 + (whole,) * 2
+    sharded = jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(rows, whole), check_vma=True)
+    )
+    out, sums = sharded(*(jax.device_put(a, jax.NamedSharding(mesh, s)) for a, s in zip(args, specs)))
+    want, want_sums = reference(*args, heads=heads, column_sum=True)
+    assert _errors(out, want)[0] <= OUT_TOL, f"seed {seed}"
+    assert _errors(sums, want_sums)[0] <= SUM_TOL, f"seed {seed}"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
