@@ -12,10 +12,11 @@ projection needs `dqkv = [dq | dk | dv]` (`[N, 3F]`, F = heads · head_dim) for 
     dq = rstd · (g − q̂ · mean(g · q̂)),   q̂ = q · rstd
 
 XLA runs this as a row-reduction fusion for both means and one fusion per `dq` and `dk`; autodiff
-then adds the three GEMMs' `dh` in a fourth pass and sums each bias's column in three more
-(66.3 ms of `simple`'s step on an H100; this pass, 30.4 ms at about 2.5 TB/s; docs/PERF.md). Here a program owns `block_rows` tokens of one head: it reads that head's `dq'`,
-`dk'`, `dv`, `q`, `k` once, writes its three slices of `dqkv`, and with `column_sum` also its
-partial column sums (`[N / block_rows, 3F]` float32, added by XLA).
+then adds the three GEMMs' `dh` in a fourth pass and sums each bias's column in three more (66.3 ms
+of `simple`'s step on an H100; this pass takes 30.4 ms, about 2.5 TB/s; docs/PERF.md). Here a
+program owns `block_rows` tokens of one head: it reads that head's `dq'`, `dk'`, `dv`, `q`, `k`
+once, writes its three slices of `dqkv`, and with `column_sum` also its partial column sums
+(`[N / block_rows, 3F]` float32, added by XLA).
 
 The roundings are autodiff's: `g` and `dq` rounded to the activations' dtype. RoPE's tables are
 `[T, K/2]` (cos, sin per position and pair); the tokens are `B · T` rows, so a block of rows never
