@@ -13,6 +13,7 @@ import pytest
 
 from jaxrun.model import head_loss
 from pallas_kernels.logit_grad import logit_grad, reference
+from tests.pallas_kernels.checks import errors, fresh_seed
 
 CAP_VALUE = 15.0
 # After dividing by max|reference|: one bf16 step of the output. dz is rounded to bf16, and a last
@@ -20,10 +21,6 @@ CAP_VALUE = 15.0
 # other) flips the rounding of a few entries.
 DZ_TOL = 1e-2
 DB_TOL = 1e-2
-
-
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -41,25 +38,6 @@ def _inputs(seed, n, v, bias):
     return zraw, b, targets, lse, g
 
 
-def _rel_err(actual, expected) -> float:
-    """Largest difference over the largest reference entry, on the device and in one jitted
-    reduction: at `simple`'s [65536, 50304] a host copy of both arrays in float32 is 26 GB, and
-    eager ops would write 13 GB float32 temporaries (more than an 80 GB card has left)."""
-    return float(_errors(actual, expected)[0])
-
-
-def _mean_rel_err(actual, expected) -> float:
-    return float(_errors(actual, expected)[1])
-
-
-@jax.jit
-def _errors(actual, expected):
-    """(max, mean) |actual - expected| over max |expected|."""
-    diff = jnp.abs(actual.astype(jnp.float32) - expected.astype(jnp.float32))
-    scale = jnp.maximum(jnp.max(jnp.abs(expected.astype(jnp.float32))), 1e-30)
-    return jnp.max(diff) / scale, jnp.mean(diff) / scale
-
-
 class _LogitGradTest:
     INTERPRET = False
     SHAPES = ((65536, 50304), (4096, 50304), (1000, 1024))  # simple's micro-batch; N not a power of two
@@ -69,7 +47,7 @@ class _LogitGradTest:
     @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
     def test_matches_reference(self, cap, bias):
         for n, v in self.SHAPES:
-            seed = _fresh_seed()
+            seed = fresh_seed()
             zraw, b, targets, lse, g = _inputs(seed, n, v, bias)
             dz, db = logit_grad(
                 zraw,
@@ -84,21 +62,19 @@ class _LogitGradTest:
             )
             want_dz, want_db = reference(zraw, b, targets, lse, g, cap=cap, cap_value=CAP_VALUE)
             assert dz.dtype == zraw.dtype and dz.shape == zraw.shape
-            assert _rel_err(dz, want_dz) <= DZ_TOL, f"dz {n}x{v} {cap} (seed {seed})"
-            assert _mean_rel_err(dz, want_dz) <= 1e-4, (
-                f"dz {n}x{v} {cap} (seed {seed}): more than a few entries"
-            )
+            assert errors(dz, want_dz)[0] <= DZ_TOL, f"dz {n}x{v} {cap} (seed {seed})"
+            assert errors(dz, want_dz)[1] <= 1e-4, f"dz {n}x{v} {cap} (seed {seed}): more than a few entries"
             if bias:
                 assert db.dtype == jnp.float32
                 # the sum of the kernel's own bf16 dz, then against the reference's
-                assert _rel_err(db, jnp.sum(dz.astype(jnp.float32), axis=0)) <= 1e-5, f"seed {seed}"
-                assert _rel_err(db, want_db) <= DB_TOL, f"db {n}x{v} {cap} (seed {seed})"
+                assert errors(db, jnp.sum(dz.astype(jnp.float32), axis=0))[0] <= 1e-5, f"seed {seed}"
+                assert errors(db, want_db)[0] <= DB_TOL, f"db {n}x{v} {cap} (seed {seed})"
             else:
                 assert db is None
 
     def test_reference_is_the_heads_backward(self):
         """The reference equals head_loss's XLA VJP through the logits: the kernel's target is right."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         n, v, d = 64, self.SHAPES[-1][1], 32
         k = jax.random.split(jax.random.key(seed), 4)
         h = jax.random.normal(k[0], (n, d), jnp.float32)
@@ -120,8 +96,8 @@ class _LogitGradTest:
             )[:, 0]
         )
         dz, db_ref = reference(zraw, b, targets, lse, g, cap="isru", cap_value=CAP_VALUE)
-        assert _rel_err(h.T @ dz, dw) <= 1e-5
-        assert _rel_err(db_ref, db) <= 1e-5
+        assert errors(h.T @ dz, dw)[0] <= 1e-5
+        assert errors(db_ref, db)[0] <= 1e-5
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrun.model import head_loss
 from pallas_kernels.logit_lse import CAPS, logit_lse, reference
+from tests.pallas_kernels.checks import fresh_seed
 
 CAP_VALUE = 15.0
 # Absolute, on lse: an error of δ in lse is a relative error of δ in Σ exp(s − c), and that is what
@@ -22,10 +23,6 @@ CAP_VALUE = 15.0
 # about 1e-6) and, on a GPU, in the last bits of exp, rsqrt and tanh (libdevice against XLA's
 # own), which move s by a few ulp of c = 15, about 3e-6. 1e-5 leaves a factor of 3 over both.
 LSE_ATOL = 1e-5
-
-
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -52,7 +49,7 @@ class _LogitLseTest:
     @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
     def test_matches_reference(self, cap, bias):
         for n, v in self.SHAPES:
-            seed = _fresh_seed()
+            seed = fresh_seed()
             zraw, b = _inputs(seed, n, v, bias)
             lse = logit_lse(
                 zraw, b, cap=cap, cap_value=CAP_VALUE, interpret=self.INTERPRET, **dict(self.TILES)
@@ -66,7 +63,7 @@ class _LogitLseTest:
         """The reference equals the lse inside head_loss.softcap_ce (bf16 logits, the bias added in
         bf16): the kernel's target is right. softcap_ce runs op by op here, so its bf16 sum is
         rounded as the reference's is (see logit_lse._biased)."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         n, v, d = 64, self.SHAPES[-1][1], 32
         k = jax.random.split(jax.random.key(seed), 4)
         h = jax.random.normal(k[0], (n, d), jnp.bfloat16)
@@ -98,7 +95,7 @@ class TestLogitLseInterpret(_LogitLseTest):
 @pytest.mark.gpu
 def test_compiled_inside_shard_map():
     """Rows split over every device, shard_map's varying-axes check on, as the train step runs it."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     mesh = jax.make_mesh((jax.device_count(),), ("dp",))
     zraw, b = _inputs(seed, 4096 * jax.device_count(), 1024, True)
     sharded = jax.jit(

@@ -6,13 +6,13 @@ the same checks in the Pallas interpreter on CPU at small shapes.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxrun.model import qkv
 from jaxrun.model.layers import rms_norm_and_rstd
 from pallas_kernels.qkv_grad import qkv_grad, reference
+from tests.pallas_kernels.checks import errors, fresh_seed
 
 # After dividing by max|reference|: one bf16 step. dq and dk are rounded to bf16 (twice: after the
 # rotation and after the norm), and a last float32 bit (fused multiply-adds, summation order)
@@ -20,10 +20,6 @@ from pallas_kernels.qkv_grad import qkv_grad, reference
 OUT_TOL = 1e-2
 MEAN_TOL = 1e-4  # ... of a few entries only
 SUM_TOL = 1e-2
-
-
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 def _inputs(seed, b, t, heads, k, dtype):
@@ -36,14 +32,6 @@ def _inputs(seed, b, t, heads, k, dtype):
     return dq, dk, dv, q, kk, *rstd, jnp.cos(theta), jnp.sin(theta)
 
 
-@jax.jit
-def _errors(actual, expected):
-    """(max, mean) |actual - expected| over max |expected|."""
-    diff = jnp.abs(actual.astype(jnp.float32) - expected.astype(jnp.float32))
-    scale = jnp.maximum(jnp.max(jnp.abs(expected.astype(jnp.float32))), 1e-30)
-    return jnp.max(diff) / scale, jnp.mean(diff) / scale
-
-
 class _QkvGradTest:
     INTERPRET = False
     SHAPES = ((64, 1024, 6, 128), (2, 1000, 6, 128), (4, 256, 3, 64))  # (B, T, heads, head_dim)
@@ -53,21 +41,21 @@ class _QkvGradTest:
     @pytest.mark.parametrize("column_sum", [True, False], ids=["sums", "no_sums"])
     def test_matches_reference(self, dtype, column_sum):
         for b, t, heads, k in self.SHAPES:
-            seed = _fresh_seed()
+            seed = fresh_seed()
             args = _inputs(seed, b, t, heads, k, jnp.dtype(dtype))
             out, sums = qkv_grad(
                 *args, heads=heads, column_sum=column_sum, interpret=self.INTERPRET, **dict(self.TILES)
             )
             want, want_sums = reference(*args, heads=heads, column_sum=column_sum)
             assert out.dtype == args[0].dtype and out.shape == (b * t, 3 * heads * k)
-            err, mean_err = _errors(out, want)
+            err, mean_err = errors(out, want)
             tol = OUT_TOL if dtype == "bfloat16" else 1e-5
             assert err <= tol, f"dqkv {(b, t, heads, k)} {dtype}: {err:.3g} (seed {seed})"
             assert mean_err <= MEAN_TOL, f"dqkv {(b, t, heads, k)}: more than a few entries (seed {seed})"
             assert bool(jnp.all(out[:, 2 * heads * k :] == args[2])), "dv is copied as it is"
             if column_sum:
-                assert _errors(sums, jnp.sum(out.astype(jnp.float32), axis=0))[0] <= 1e-5, f"seed {seed}"
-                assert _errors(sums, want_sums)[0] <= SUM_TOL, f"sums {(b, t, heads, k)} (seed {seed})"
+                assert errors(sums, jnp.sum(out.astype(jnp.float32), axis=0))[0] <= 1e-5, f"seed {seed}"
+                assert errors(sums, want_sums)[0] <= SUM_TOL, f"sums {(b, t, heads, k)} (seed {seed})"
             else:
                 assert sums is None
 
@@ -89,7 +77,7 @@ class TestQkvGradInterpret(_QkvGradTest):
 def test_compiled_inside_shard_map():
     """Sequences split over every device, shard_map's varying-axes check on, as the train step
     runs it; the bias sums added across devices."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     mesh = jax.make_mesh((jax.device_count(),), ("dp",))
     b, t, heads, k = 2 * jax.device_count(), 256, 3, 64
     args = _inputs(seed, b, t, heads, k, jnp.bfloat16)
@@ -105,15 +93,15 @@ def test_compiled_inside_shard_map():
     )
     out, sums = sharded(*(jax.device_put(a, jax.NamedSharding(mesh, s)) for a, s in zip(args, specs)))
     want, want_sums = reference(*args, heads=heads, column_sum=True)
-    assert _errors(out, want)[0] <= OUT_TOL, f"seed {seed}"
-    assert _errors(sums, want_sums)[0] <= SUM_TOL, f"seed {seed}"
+    assert errors(out, want)[0] <= OUT_TOL, f"seed {seed}"
+    assert errors(sums, want_sums)[0] <= SUM_TOL, f"seed {seed}"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_reference_is_autodiffs_backward(dtype):
     """The reference is the VJP of the forward it undoes: QK-norm then 'halves' RoPE on q and k,
     v as it is, and the three laid out side by side."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     b, t, heads, k = 2, 32, 3, 64
     dq, dk, dv, q, kk, rq, rk, cos, sin = _inputs(seed, b, t, heads, k, jnp.dtype(dtype))
 
@@ -125,7 +113,7 @@ def test_reference_is_autodiffs_backward(dtype):
     _, vjp = jax.vjp(forward, q, kk, dv)
     want = jnp.concatenate(vjp([dq, dk, dv]), axis=1)
     got, _ = reference(dq, dk, dv, q, kk, rq, rk, cos, sin, heads=heads, column_sum=False)
-    assert _errors(got, want)[0] <= (OUT_TOL if dtype == "bfloat16" else 1e-6), f"seed {seed}"
+    assert errors(got, want)[0] <= (OUT_TOL if dtype == "bfloat16" else 1e-6), f"seed {seed}"
 
 
 def test_bad_inputs_are_refused():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.relu2_mlp import BlockSizes, relu2_mlp, relu2_mlp_reference
+from tests.pallas_kernels.checks import fresh_seed
 
 # Errors are measured after dividing by max|reference|, so one tolerance fits every size.
 FWD_TOL = {
@@ -23,10 +24,6 @@ VJP_TOL = {
     jnp.float32: {"atol": 1e-2, "rtol": 1e-2},
 }
 GRAD_NAMES = ("dx", "dw1", "dw2", "db1", "db2")
-
-
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 def _assert_close(name, actual, expected, tol, seed):
@@ -73,7 +70,7 @@ class _Relu2MlpTest:
     @pytest.mark.parametrize("bias", [False, True])
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
     def test_matches_reference(self, dtype, bias):
-        seed = _fresh_seed()
+        seed = fresh_seed()
         args = _inputs(seed, self.LEAD, self.D, self.F, dtype, bias)
         (y, grads), (y_ref, grads_ref) = self._run(*args)
         assert y.dtype == dtype
@@ -84,7 +81,7 @@ class _Relu2MlpTest:
     @pytest.mark.parametrize("bias", [False, True])
     def test_dead_rows(self, bias):
         """Rows with every pre-activation negative output b2 and pass no gradient to x."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         dead = [0, 5, 17, self.LEAD[0] * self.LEAD[1] - 1]
         args = _inputs(seed, self.LEAD, self.D, self.F, jnp.bfloat16, bias, dead_rows=dead)
         x, w1, _, b1, b2, _ = args

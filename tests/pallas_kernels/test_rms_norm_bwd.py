@@ -7,19 +7,15 @@ runs the same checks in the Pallas interpreter on CPU at small shapes.
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels.rms_norm_bwd import reference, rms_norm_bwd
+from tests.pallas_kernels.checks import fresh_seed
 
 EPS = float(jnp.finfo(jnp.float32).eps)
 # Against the reference (same formula, other summation order), after dividing by max|reference|.
 # bf16: the output is rounded twice (dx, then r + dx), so one bf16 step of the largest values.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 8e-3}
-
-
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 def _inputs(seed, n, d, dtype, gain):
@@ -48,7 +44,7 @@ class _RmsNormBwdTest:
     @pytest.mark.parametrize(("gain", "column_sum"), [(True, False), (False, False), (True, True)])
     def test_matches_reference(self, dtype, gain, column_sum):
         for (n, d), block_rows in zip(self.SHAPES, self.BLOCK_ROWS * len(self.SHAPES)):
-            seed = _fresh_seed()
+            seed = fresh_seed()
             x, g, r, rstd, gain_D = _inputs(seed, n, d, dtype, gain)
             out, dgain, total = rms_norm_bwd(
                 x, g, r, rstd, gain_D, column_sum=column_sum, block_rows=block_rows, interpret=self.INTERPRET
@@ -72,7 +68,7 @@ class _RmsNormBwdTest:
 
     def test_reference_is_autodiff_of_the_norm(self):
         """The closed form equals jax.vjp of `x + 0, x·rstd·gain` in float32: the kernel's target is right."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         n, d = self.SHAPES[-1]
         x, g, r, rstd, gain_D = _inputs(seed, n, d, jnp.float32, True)
 

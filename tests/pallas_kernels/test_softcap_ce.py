@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.softcap_ce import BlockSizes, softcap_ce, softcap_ce_reference
+from tests.pallas_kernels.checks import fresh_seed
 
 # Errors are measured after dividing by max|reference|, so one tolerance fits every size.
 FWD_TOL = {jnp.bfloat16: {"atol": 1e-4, "rtol": 1e-4}}  # fp32 logits from bf16 operands
@@ -21,10 +22,6 @@ VJP_TOL = {jnp.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}  # bf16 dlogits feed the 
 SAVED_FWD_TOL = {jnp.bfloat16: {"atol": 5e-3, "rtol": 5e-3}}  # loss from bf16-rounded logits
 CAPS = [("isru", 15.0), ("sigmoid", 23.0)]
 GRAD_NAMES = ("dx", "dw", "db")
-
-
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 def _assert_close(name, actual, expected, tol, seed):
@@ -84,7 +81,7 @@ class _SoftcapCeTest:
     @pytest.mark.parametrize("bias", [False, True])
     @pytest.mark.parametrize("cap,cap_value", CAPS)
     def test_matches_reference(self, cap, cap_value, bias):
-        seed = _fresh_seed()
+        seed = fresh_seed()
         x, w, t, b, g = _inputs(seed, self.LEAD, self.D, self.V, logit_std=3.0, bias=bias)
         outs, refs = self._run(x, w, t, b, g, cap, cap_value, self.BLOCK_SIZES)
         self._check(seed, outs, refs)
@@ -92,7 +89,7 @@ class _SoftcapCeTest:
     @pytest.mark.parametrize("cap,cap_value", CAPS)
     def test_saturated_caps_and_chunked_backward(self, cap, cap_value):
         """Raw logits in the hundreds sit on the cap's flat tails; the backward runs in chunks."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         x, w, t, b, g = _inputs(seed, self.LEAD, self.D, self.V, logit_std=300.0, bias=True)
         bs = dataclasses.replace(self.BLOCK_SIZES, bwd_chunk=self.CHUNK)
         outs, refs = self._run(x, w, t, b, g, cap, cap_value, bs)
@@ -101,7 +98,7 @@ class _SoftcapCeTest:
     @pytest.mark.parametrize("cap,cap_value", CAPS)
     def test_saved_logits(self, cap, cap_value):
         """save_logits=True: bf16 logits kept for the backward instead of recomputed."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         x, w, t, b, g = _inputs(seed, self.LEAD, self.D, self.V, logit_std=30.0, bias=True)
         bs = dataclasses.replace(self.BLOCK_SIZES, bwd_chunk=self.CHUNK)
         outs, refs = self._run(x, w, t, b, g, cap, cap_value, bs, save_logits=True)
@@ -109,7 +106,7 @@ class _SoftcapCeTest:
 
     def test_ignored_targets(self):
         """Negative targets give loss 0 and no gradient, also when every target is ignored."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         x, w, t, b, g = _inputs(seed, self.LEAD, self.D, self.V, logit_std=3.0, bias=True)
         t = t.at[0].set(-1)
         f = lambda x, w, b: softcap_ce(x, w, t, b, block_sizes=self.BLOCK_SIZES, interpret=self.INTERPRET)

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrun import muon as jm
 from pallas_kernels import symmetric_mm as smm
+from tests.pallas_kernels.checks import fresh_seed
 
 # Errors are measured after dividing by max|reference|, so one tolerance fits every size.
 FWD_TOL = {
@@ -30,10 +31,6 @@ VJP_TOL = {
 # A middle Polar Express step: b·A + c·A² with A's eigenvalues in [0, 1].
 B_COEF, C_COEF = -2.772484153217685, 0.5060648178503393
 PE = jm.NS_PRESETS["polar_express"]
-
-
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 def _assert_close(name, actual, expected, tol, seed):
@@ -77,7 +74,7 @@ class _SymmetricMmTest:
     def test_gram_matches_reference(self, which, dtype):
         kernel, reference = {"xxt": (smm.xxt, smm.xxt_reference), "xtx": (smm.xtx, smm.xtx_reference)}[which]
         for shape in self.GRAM_SHAPES:
-            seed = _fresh_seed()
+            seed = fresh_seed()
             x = _unit_spectrum(seed, shape, dtype)
             y, dx = _value_and_grad(lambda x: kernel(x, **self._kw()), x, seed)
             y_ref, dx_ref = _value_and_grad(reference, x, seed)
@@ -88,7 +85,7 @@ class _SymmetricMmTest:
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
     def test_ba_plus_caa_matches_reference(self, dtype):
         for shape in self.SQUARE_SHAPES:
-            seed = _fresh_seed()
+            seed = fresh_seed()
             a = smm.xxt_reference(_unit_spectrum(seed, shape, jnp.float32)).astype(dtype)
             f = lambda a: smm.ba_plus_caa(a, B_COEF, C_COEF, **self._kw())
             y, da = _value_and_grad(f, a, seed)
@@ -99,7 +96,7 @@ class _SymmetricMmTest:
 
     def test_outputs_are_exactly_symmetric(self):
         """Every off-diagonal tile is stored twice: the output equals its transpose bit for bit."""
-        seed = _fresh_seed()
+        seed = fresh_seed()
         x = _unit_spectrum(seed, self.GRAM_SHAPES[-1], jnp.bfloat16)
         for y in (smm.xxt(x, **self._kw()), smm.xtx(x, **self._kw())):
             y = smm.ba_plus_caa(y, B_COEF, C_COEF, **self._kw())
@@ -109,7 +106,7 @@ class _SymmetricMmTest:
     def test_newton_schulz_pallas_matches_xla(self, dtype):
         """Polar Express with the kernels gives XLA's result to a couple of bf16 roundings."""
         for shape in self.NS_SHAPES:
-            seed = _fresh_seed()
+            seed = fresh_seed()
             x = jax.random.normal(jax.random.key(seed), shape)
             got, want = (
                 jm.newton_schulz(x, PE, 1e-6, dtype=dtype, round_first=True, impl=impl)
@@ -149,7 +146,7 @@ def test_upper_tiles_are_each_visited_once(tiles):
 
 
 def test_block_k_smaller_than_block_m():
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x = _unit_spectrum(seed, (2, 72, 40), jnp.float32)
     bs = smm.BlockSizes(block_m=32, block_k=16)
     for kernel, reference in ((smm.xxt, smm.xxt_reference), (smm.xtx, smm.xtx_reference)):
