@@ -31,8 +31,8 @@ _F32 = jnp.float32
 CAPS = ("isru", "tanh")
 
 
-def _cap(z: jax.Array, cap: str, c: float) -> tuple[jax.Array, jax.Array]:
-    """Capped logits and ds/dz in float32."""
+def softcap(z: jax.Array, cap: str, c: float) -> tuple[jax.Array, jax.Array]:
+    """Capped logits and ds/dz in float32 (the logit passes share it)."""
     if cap == "isru":
         r = lax.rsqrt(z * z + c * c)
         return c * z * r, (c * r) ** 3
@@ -43,7 +43,7 @@ def _cap(z: jax.Array, cap: str, c: float) -> tuple[jax.Array, jax.Array]:
 def _dz(zraw, b, targets, lse, g, cols, cap: str, c: float):
     """dL/dz in float32 for `[rows, cols]` raw logits; `cols` holds each column's vocabulary index."""
     z = zraw if b is None else zraw + b.astype(zraw.dtype)[None]
-    s, ds_dz = _cap(z.astype(_F32), cap, c)
+    s, ds_dz = softcap(z.astype(_F32), cap, c)
     p = jnp.exp(s - lse[:, None])
     return (jnp.where(cols == targets[:, None], p - 1.0, p) * ds_dz) * g[:, None]
 

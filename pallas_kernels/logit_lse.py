@@ -25,17 +25,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.logit_grad import CAPS, softcap
 from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
-CAPS = ("isru", "tanh")
-
-
-def _cap(z: jax.Array, cap: str, c: float) -> jax.Array:
-    """Capped logits in float32."""
-    if cap == "isru":
-        return c * z * lax.rsqrt(z * z + c * c)
-    return c * jnp.tanh(z / c)
 
 
 def _biased(zraw, b) -> jax.Array:
@@ -55,7 +48,7 @@ def _biased(zraw, b) -> jax.Array:
 
 def _shifted_exp(zraw, b, cap: str, c: float) -> jax.Array:
     """`exp(cap(zraw + b) − c)` in float32, the bias added in zraw's dtype."""
-    return jnp.exp(_cap(_biased(zraw, b), cap, c) - c)
+    return jnp.exp(softcap(_biased(zraw, b), cap, c)[0] - c)
 
 
 def reference(zraw_NV: jax.Array, b_V: jax.Array | None, *, cap: str, cap_value: float) -> jax.Array:
