@@ -13,11 +13,13 @@ are bf16:
   the bias in registers and sums the log-sum-exp. Saving the biased logits
   instead would make that fusion write a second [N, V] bf16 tensor. Both
   caps are bounded by `c`, so `c` is a fixed shift and no max pass is
-  needed (exp(s - c) lies in (e^-2c, 1]).
+  needed (exp(s - c) lies in (e^-2c, 1]). `logit_lse` swaps that fusion
+  for a Pallas pass (faster on Hopper, docs/PERF.md).
 - backward: one elementwise fusion reads `h·W`, adds the bias again and
   writes bf16 `dL/dz` (softmax minus one-hot, times the cap's derivative,
   times the incoming gradient); the bias gradient is a column sum that reads
   that bf16 `dL/dz` back; then the two GEMMs `dh = dz·Wᵀ` and `dW = hᵀ·dz`.
+  `logit_grad` runs the fusion and the column sum as one Pallas pass.
 
 On an H100, keeping `h·W` rather than the biased logits, and the barrier
 that makes the backward write `dL/dz` in bf16 only, took `simple`'s step
