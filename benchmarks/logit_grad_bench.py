@@ -27,9 +27,10 @@ from jaxrun.model import head_loss
 from pallas_kernels.logit_grad import logit_grad
 
 V, CAP, C = 50304, "isru", 15.0
-# (block_rows, block_m, block_v, num_warps); the kernel's default is (1024, 32, 128, 4). Triton
+# (block_rows, block_m, num_warps, num_stages); the kernel's default is (1024, 32, 4, 1). Triton
 # tiles are powers of two and 50,304 = 393 · 128, so block_v stays 128 at this vocabulary.
-TILINGS = [(1024, m, 128, warps) for m in (16, 32, 64, 128) for warps in (4, 8)] + [(256, 32, 128, 4)]
+TILINGS = [(1024, m, warps, stages) for m in (16, 32, 64) for warps in (4, 8) for stages in (1, 2, 3)]
+TILINGS += [(256, 32, 4, 1), (256, 32, 8, 2)]
 
 
 def xla_pass(zraw, b, targets, lse, g):
@@ -64,19 +65,19 @@ def main() -> None:
     moved = 2 * args.n * V * 2  # bytes: read the bf16 logits, write bf16 dz
     variants = [("xla: dz fusion + column sum", xla_pass)] + [
         (
-            f"pallas rows={rows} m={m} v={v} warps={warps}",
+            f"pallas rows={rows} m={m} warps={warps} stages={stages}",
             functools.partial(
                 logit_grad,
                 cap=CAP,
                 cap_value=C,
                 block_rows=rows,
                 block_m=m,
-                block_v=v,
                 num_warps=warps,
+                num_stages=stages,
                 interpret=interpret,
             ),
         )
-        for rows, m, v, warps in TILINGS
+        for rows, m, warps, stages in TILINGS
     ]
     print(f"device: {jax.devices()[0].device_kind}, n={args.n}, V={V}, bf16, cap {CAP}")
     memory_pass.compare([(name, jax.jit(fn)) for name, fn in variants], inputs, moved, args.json)

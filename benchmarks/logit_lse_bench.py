@@ -29,10 +29,11 @@ from jaxrun.model import head_loss
 from pallas_kernels.logit_lse import logit_lse
 
 V, CAP, C = 50304, "isru", 15.0
-# (block_rows, block_m, num_warps); the kernel's default, DEFAULT, was the fastest on an H100
+# (block_rows, block_m, num_warps, num_stages); the kernel's default, DEFAULT, was the fastest on an H100
 # (docs/PERF.md). block_v stays 128: Triton tiles are powers of two and 50,304 = 393 · 128.
-TILINGS = [(rows, m, warps) for rows in (256, 1024) for m in (16, 32, 64) for warps in (4, 8)]
-DEFAULT = (1024, 32, 8)
+TILINGS = [(rows, m, warps, 1) for rows in (256, 1024) for m in (16, 32, 64) for warps in (4, 8)]
+TILINGS += [(1024, m, warps, stages) for m in (16, 32, 64) for warps in (4, 8) for stages in (2, 3)]
+DEFAULT = (1024, 32, 8, 1)
 
 
 def xla_lse(zraw, b):
@@ -55,7 +56,7 @@ def main() -> None:
     moved = args.n * V * 2  # bytes: read the bf16 logits once
     variants = [("xla: lse reduction", xla_lse)] + [
         (
-            f"pallas rows={rows} m={m} warps={warps}",
+            f"pallas rows={rows} m={m} warps={warps} stages={stages}",
             functools.partial(
                 logit_lse,
                 cap=CAP,
@@ -63,10 +64,11 @@ def main() -> None:
                 block_rows=rows,
                 block_m=m,
                 num_warps=warps,
+                num_stages=stages,
                 interpret=interpret,
             ),
         )
-        for rows, m, warps in tilings
+        for rows, m, warps, stages in tilings
     ]
     print(f"device: {jax.devices()[0].device_kind}, n={args.n}, V={V}, bf16, cap {CAP}")
     memory_pass.compare([(name, jax.jit(fn)) for name, fn in variants], (zraw, b), moved, args.json)

@@ -31,8 +31,9 @@ from jaxrun.model.layers import linear, rms_norm
 from pallas_kernels.qkv_grad import qkv_grad
 
 T, HEADS, K = 1024, 6, 128
-# (block_rows, chunk_rows, num_warps); the kernel's default is (64, 8, 4)
-TILINGS = [(16, 8, 4), (32, 8, 4), (64, 8, 4), (64, 16, 4), (128, 8, 4), (128, 16, 8)]
+# (block_rows, chunk_rows, num_warps, num_stages); the kernel's default is (64, 8, 4, 1)
+TILINGS = [(16, 8, 4, 1), (32, 8, 4, 1), (64, 8, 4, 1), (64, 16, 4, 1), (128, 8, 4, 1), (128, 16, 8, 1)]
+TILINGS += [(64, 8, 4, 2), (64, 8, 8, 2), (128, 8, 4, 2), (128, 8, 4, 3)]
 
 
 def plain(p, h, cos, sin):
@@ -69,15 +70,23 @@ def main() -> None:
     )
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run: the kernel interpreted
 
-    def fused(rows, chunk, warps):
+    def fused(rows, chunk, warps, stages):
         grad = functools.partial(
-            qkv_grad, block_rows=rows, chunk_rows=chunk, num_warps=warps, interpret=interpret
+            qkv_grad,
+            block_rows=rows,
+            chunk_rows=chunk,
+            num_warps=warps,
+            num_stages=stages,
+            interpret=interpret,
         )
         return lambda p, h, cos, sin: qkv.project(p, h, cos, sin, HEADS, grad)
 
     variants = [("xla: autodiff", backward(plain))] + [
-        (f"pallas rows={rows} chunk={chunk} warps={warps}", backward(fused(rows, chunk, warps)))
-        for rows, chunk, warps in TILINGS
+        (
+            f"pallas rows={rows} chunk={chunk} warps={warps} stages={stages}",
+            backward(fused(rows, chunk, warps, stages)),
+        )
+        for rows, chunk, warps, stages in TILINGS
     ]
     moved = 8 * args.batch * T * f * 2  # bytes of the kernel's pass: 5 [N, F] reads, a [N, 3F] write
     print(f"device: {jax.devices()[0].device_kind}, tokens={args.batch * T}, {HEADS}x{K} heads, bf16")

@@ -79,7 +79,16 @@ def _kernel(zraw_ref, *refs, has_bias: bool, block_m: int, cap: str, c: float):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cap", "cap_value", "block_rows", "block_m", "block_v", "num_warps", "interpret"),
+    static_argnames=(
+        "cap",
+        "cap_value",
+        "block_rows",
+        "block_m",
+        "block_v",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
 )
 def logit_grad(
     zraw_NV: jax.Array,
@@ -94,6 +103,7 @@ def logit_grad(
     block_m: int = 32,
     block_v: int = 128,
     num_warps: int = 4,
+    num_stages: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """`(dz, db)` as `reference`, in one pass over the raw logits. Blocks shrink to fit small N."""
@@ -124,7 +134,7 @@ def logit_grad(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="softcap_ce_logit_grad",
     )(*args)

@@ -72,7 +72,16 @@ def _kernel(zraw_ref, *refs, has_bias: bool, block_m: int, cap: str, c: float):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cap", "cap_value", "block_rows", "block_m", "block_v", "num_warps", "interpret"),
+    static_argnames=(
+        "cap",
+        "cap_value",
+        "block_rows",
+        "block_m",
+        "block_v",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
 )
 def logit_lse(
     zraw_NV: jax.Array,
@@ -84,6 +93,7 @@ def logit_lse(
     block_m: int = 32,
     block_v: int = 128,
     num_warps: int = 8,
+    num_stages: int = 1,
     interpret: bool = False,
 ) -> jax.Array:
     """`lse [N]` float32 as `reference`, in one pass over the raw logits.
@@ -98,6 +108,7 @@ def logit_lse(
       block_m: rows per slice of the program's loop, a power of two (at most block_rows).
       block_v: columns a program owns, a power of two; V must be a multiple of it.
       num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the slice loop.
       interpret: run in the Pallas interpreter (CPU tests).
     """
     if zraw_NV.ndim != 2:
@@ -127,7 +138,7 @@ def logit_lse(
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, block_rows), lambda i, j: (j, i)),
         out_shape=out_struct(zraw_NV, (v // block_v, n), _F32),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="softcap_ce_logit_lse",
     )(zraw_NV, *([b_V] if has_bias else []))

@@ -124,7 +124,16 @@ def _kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("heads", "column_sum", "block_rows", "chunk_rows", "num_warps", "interpret")
+    jax.jit,
+    static_argnames=(
+        "heads",
+        "column_sum",
+        "block_rows",
+        "chunk_rows",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
 )
 def qkv_grad(
     dq_NF: jax.Array,
@@ -142,6 +151,7 @@ def qkv_grad(
     block_rows: int = 64,
     chunk_rows: int = 8,
     num_warps: int = 4,
+    num_stages: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """`(dqkv, Σ_rows dqkv)` as `reference`, in one pass.
@@ -150,7 +160,8 @@ def qkv_grad(
     rotated side for q and k. q, k: the projection's outputs before the norm, `[N, F]`. rstd:
     the forward's `1/√(mean(x²) + eps)` per head and token, `[heads, N]` float32. cos, sin:
     RoPE's `[T, head_dim / 2]` tables, T dividing N. `block_rows` and `chunk_rows` (powers of two)
-    are upper bounds, shrunk to divide T.
+    are upper bounds, shrunk to divide T. `num_warps` and `num_stages`: Triton's warps per program
+    and software-pipelining depth of the chunk loop.
     """
     n, f = q_NF.shape
     t, half = cos_TR.shape
@@ -188,7 +199,7 @@ def qkv_grad(
         in_specs=[head_block] * 5 + [rstd_block] * 2 + [table_block] * 2,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="qkv_grad",
     )(dq_NF, dk_NF, dv_NF, q_NF, k_NF, rstd_q_HN.astype(_F32), rstd_k_HN.astype(_F32), cos_TR, sin_TR)
