@@ -8,8 +8,9 @@ For softcapped cross-entropy over saved raw logits `zraw = h·W` (bf16, `[N, V]`
 XLA runs this as an elementwise fusion that writes `dz`, then a column reduction that reads all
 of it back for `db` (6.6 GB a 64-sequence micro-batch at V = 50,304, about 1.7 TB/s; docs/PERF.md).
 Here a program owns `block_rows` rows × `block_v` columns: it walks its rows in `block_m`-row
-slices, writes each slice of `dz` and keeps the column sums in registers, then writes one partial
-row of `db`. XLA adds the `[N / block_rows, V]` float32 partials.
+slices, writes each slice of `dz` and adds it to a `[block_m, block_v]` float32 sum in registers,
+summed over rows once at the end into one partial row of `db`. XLA adds the `[N / block_rows, V]`
+float32 partials.
 
 Caps: 'isru' (`c·z/√(z² + c²)`) and 'tanh' (`c·tanh(z/c)`), as `jaxrun.model.head_loss`.
 V must be a multiple of `block_v` (50,304 = 393 · 128) and N of `block_rows`.
@@ -70,11 +71,13 @@ def _kernel(zraw_ref, *refs, has_bias: bool, block_m: int, cap: str, c: float):
         dz = _dz(zraw_ref[at, :], b, targets_ref[at], lse_ref[at], g_ref[at], cols, cap, c)
         dz = dz.astype(dz_ref.dtype)
         dz_ref[at, :] = dz
-        return total + jnp.sum(dz.astype(_F32), axis=0)
+        return total + dz.astype(_F32) if has_bias else total
 
-    total = lax.fori_loop(0, block_rows // block_m, rows, jnp.zeros((block_v,), _F32))
+    # the running column sums stay in registers, one per slice entry; rows are summed across once
+    zeros = jnp.zeros((block_m, block_v) if has_bias else (), _F32)
+    total = lax.fori_loop(0, block_rows // block_m, rows, zeros)
     if has_bias:
-        db_ref[...] = total
+        db_ref[...] = jnp.sum(total, axis=0)
 
 
 @functools.partial(
