@@ -30,6 +30,8 @@ from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
 CAPS = ("isru", "tanh")
+# the tiling arguments of both logit passes, static under jit
+STATIC_TILING = ("block_rows", "block_m", "block_v", "num_warps", "num_stages", "interpret")
 
 
 def softcap(z: jax.Array, cap: str, c: float) -> tuple[jax.Array, jax.Array]:
@@ -82,16 +84,7 @@ def _kernel(zraw_ref, *refs, has_bias: bool, block_m: int, cap: str, c: float):
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "cap",
-        "cap_value",
-        "block_rows",
-        "block_m",
-        "block_v",
-        "num_warps",
-        "num_stages",
-        "interpret",
-    ),
+    static_argnames=("cap", "cap_value", *STATIC_TILING),
 )
 def logit_grad(
     zraw_NV: jax.Array,

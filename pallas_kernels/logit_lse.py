@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.logit_grad import CAPS, softcap
+from pallas_kernels.logit_grad import CAPS, STATIC_TILING, softcap
 from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
@@ -72,16 +72,7 @@ def _kernel(zraw_ref, *refs, has_bias: bool, block_m: int, cap: str, c: float):
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "cap",
-        "cap_value",
-        "block_rows",
-        "block_m",
-        "block_v",
-        "num_warps",
-        "num_stages",
-        "interpret",
-    ),
+    static_argnames=("cap", "cap_value", *STATIC_TILING),
 )
 def logit_lse(
     zraw_NV: jax.Array,
