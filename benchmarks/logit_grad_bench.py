@@ -13,7 +13,6 @@ pass, at several tilings. Prints ms per call, HBM bandwidth over the bytes one p
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
@@ -63,22 +62,9 @@ def main() -> None:
     inputs = (zraw, b, targets, lse, g)
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run: the kernel interpreted
     moved = 2 * args.n * V * 2  # bytes: read the bf16 logits, write bf16 dz
-    variants = [("xla: dz fusion + column sum", xla_pass)] + [
-        (
-            f"pallas rows={rows} m={m} warps={warps} stages={stages}",
-            functools.partial(
-                logit_grad,
-                cap=CAP,
-                cap_value=C,
-                block_rows=rows,
-                block_m=m,
-                num_warps=warps,
-                num_stages=stages,
-                interpret=interpret,
-            ),
-        )
-        for rows, m, warps, stages in TILINGS
-    ]
+    variants = [("xla: dz fusion + column sum", xla_pass)] + memory_pass.row_tilings(
+        logit_grad, TILINGS, cap=CAP, cap_value=C, interpret=interpret
+    )
     print(f"device: {jax.devices()[0].device_kind}, n={args.n}, V={V}, bf16, cap {CAP}")
     memory_pass.compare([(name, jax.jit(fn)) for name, fn in variants], inputs, moved, args.json)
 

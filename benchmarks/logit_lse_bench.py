@@ -15,7 +15,6 @@ XLA may keep that sum in float32 (its excess-precision rewrite does on the CPU: 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
@@ -54,22 +53,9 @@ def main() -> None:
     # Interpreted, one tiling takes about a minute at --n 256; the smoke run needs only one.
     tilings = TILINGS if not interpret else [DEFAULT]
     moved = args.n * V * 2  # bytes: read the bf16 logits once
-    variants = [("xla: lse reduction", xla_lse)] + [
-        (
-            f"pallas rows={rows} m={m} warps={warps} stages={stages}",
-            functools.partial(
-                logit_lse,
-                cap=CAP,
-                cap_value=C,
-                block_rows=rows,
-                block_m=m,
-                num_warps=warps,
-                num_stages=stages,
-                interpret=interpret,
-            ),
-        )
-        for rows, m, warps, stages in tilings
-    ]
+    variants = [("xla: lse reduction", xla_lse)] + memory_pass.row_tilings(
+        logit_lse, tilings, cap=CAP, cap_value=C, interpret=interpret
+    )
     print(f"device: {jax.devices()[0].device_kind}, n={args.n}, V={V}, bf16, cap {CAP}")
     memory_pass.compare([(name, jax.jit(fn)) for name, fn in variants], (zraw, b), moved, args.json)
 

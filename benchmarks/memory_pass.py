@@ -1,18 +1,34 @@
 """Time variants of one memory-bound pass against the first: ms, bandwidth, temp memory, error.
 
-Shared by the benches of single passes (`norm_bench.py`, `logit_grad_bench.py`): each variant is a
-jitted function of the same inputs, and the first is the XLA reference the others are checked
-against (the largest difference over every output, relative to that output's largest entry).
+Shared by the benches of single passes (`norm_bench.py`, `logit_grad_bench.py`, `logit_lse_bench.py`,
+`qkv_grad_bench.py`): each variant is a jitted function of the same inputs, and the first is the XLA
+reference the others are checked against (the largest difference over every output, relative to
+that output's largest entry).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.mlp_ce_bench import time_it
+
+
+def row_tilings(kernel, tilings, **fixed) -> list[tuple[str, object]]:
+    """`(name, kernel at one tiling)` for each `(block_rows, block_m, num_warps, num_stages)` of a
+    row-sliced pass (the logit kernels); `fixed` holds the other keyword arguments."""
+    return [
+        (
+            f"pallas rows={rows} m={m} warps={warps} stages={stages}",
+            functools.partial(
+                kernel, block_rows=rows, block_m=m, num_warps=warps, num_stages=stages, **fixed
+            ),
+        )
+        for rows, m, warps, stages in tilings
+    ]
 
 
 @jax.jit
