@@ -31,7 +31,8 @@ from jaxrun.model.layers import linear, rms_norm
 from pallas_kernels.qkv_grad import qkv_grad
 
 T, HEADS, K = 1024, 6, 128
-# (block_rows, chunk_rows, num_warps, num_stages); the kernel's default is (64, 8, 4, 1)
+# (block_rows, chunk_rows, num_warps, num_stages); the kernel's default is (128, 16, 8, 1), which
+# tied (64, 8, 4, 1) on an H100 within run-to-run noise (docs/PERF.md)
 TILINGS = [(16, 8, 4, 1), (32, 8, 4, 1), (64, 8, 4, 1), (64, 16, 4, 1), (128, 8, 4, 1), (128, 16, 8, 1)]
 TILINGS += [(64, 8, 4, 2), (64, 8, 8, 2), (128, 8, 4, 2), (128, 8, 4, 3)]
 

@@ -96,10 +96,10 @@ def logit_grad(
     cap: str,
     cap_value: float,
     block_rows: int = 1024,
-    block_m: int = 32,
+    block_m: int = 16,
     block_v: int = 128,
-    num_warps: int = 4,
-    num_stages: int = 1,
+    num_warps: int = 8,
+    num_stages: int = 3,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """`(dz, db)` as `reference`, in one pass over the raw logits. Blocks shrink to fit small N."""

@@ -148,9 +148,9 @@ def qkv_grad(
     *,
     heads: int,
     column_sum: bool = False,
-    block_rows: int = 64,
-    chunk_rows: int = 8,
-    num_warps: int = 4,
+    block_rows: int = 128,
+    chunk_rows: int = 16,
+    num_warps: int = 8,
     num_stages: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
