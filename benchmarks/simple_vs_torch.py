@@ -24,6 +24,8 @@ over the run, and the val losses, of both sides).
 Usage (on the GPU machine, from the repo root):
   python benchmarks/simple_vs_torch.py --script /path/to/train_gpt_simple.py --steps 75 300 \\
       [--torch-python python3] [--data-xz ../shared/data/offline_english] [--out DIR]
+  # a switch on the jaxrun side (and its profile), e.g. the fused Pallas MLP:
+  python benchmarks/simple_vs_torch.py --steps 300 --sides jaxrun --set model.kernels.mlp=pallas
   # one side per call where calls are time-limited, then the table and plot of both (no GPU needed):
   python benchmarks/simple_vs_torch.py --merge torch_dir/simple_vs_torch.json jax_dir/simple_vs_torch.json --out DIR
 """
@@ -136,8 +138,9 @@ def run_torch(script: Path, torch_python: str, work: Path, steps: int, val_token
     }
 
 
-def run_jax(work: Path, steps: int, val_tokens: int, globs) -> dict:
-    """`launch.py --config simple` on the same links; per-step times from metrics.jsonl's step_ms."""
+def run_jax(work: Path, steps: int, val_tokens: int, globs, switches: list[str]) -> dict:
+    """`launch.py --config simple` on the same links, with `switches` (KEY=VALUE overrides) after
+    the harness's own; per-step times from metrics.jsonl's step_ms."""
     sets = [
         f"data.train_files={work / globs[0]}",
         f"data.val_files={work / globs[1]}",
@@ -145,6 +148,7 @@ def run_jax(work: Path, steps: int, val_tokens: int, globs) -> dict:
         f"train.steps={steps}",
         "train.progress=false",
         f"train.out_dir={work / 'jaxrun'}",
+        *switches,
     ]
     # jaxrun as users run it, with XLA's preallocated pool (without it, fragmentation runs an H100 out
     # of memory); the peak is what its arrays took (result.json), not the pool nvidia-smi shows
@@ -163,6 +167,7 @@ def run_jax(work: Path, steps: int, val_tokens: int, globs) -> dict:
         "compile_s": result["compile_s"],
         "wall_s": wall,
         "run_dir": str(run_dir),
+        "switches": switches,
     }
 
 
@@ -186,8 +191,9 @@ def table(results: dict) -> str:
         for side in sides:
             r, p = sides[side], pace(sides[side]["step_ms"])
             vals = " ".join(f"@{s}:{r['val'][s]:.4f}" for s in common)
+            label = f"{side} ({', '.join(r['switches'])})" if r.get("switches") else side
             lines.append(
-                f"{steps} | {side} | {p['ms_per_step']:.1f} | {p['tokens_per_s']:,.0f} | "
+                f"{steps} | {label} | {p['ms_per_step']:.1f} | {p['tokens_per_s']:,.0f} | "
                 f"{p['last_over_first']:.4f} ({p['k']}) | {r['peak_gib']:.1f} | {r['compile_s']:.1f} | {vals}"
             )
         if len(sides) == 2:
@@ -269,6 +275,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "runs" / "simple_vs_torch")))
     p.add_argument("--no-profile", action="store_true")
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the jaxrun side (and its profile), as launch.py takes it; repeatable",
+    )
+    p.add_argument(
         "--sides",
         nargs="+",
         choices=("torch", "jaxrun"),
@@ -299,7 +312,7 @@ def main() -> None:
                 a.script.resolve(), a.torch_python, work, steps, a.val_tokens, globs
             )
         if "jaxrun" in a.sides:
-            results[steps]["jaxrun"] = run_jax(work, steps, a.val_tokens, globs)
+            results[steps]["jaxrun"] = run_jax(work, steps, a.val_tokens, globs, a.set)
         (a.out / "simple_vs_torch.json").write_text(json.dumps(results, indent=2))
         print(table({steps: results[steps]}), flush=True)
     if not a.no_profile:
@@ -313,6 +326,7 @@ def main() -> None:
             "3",
             "--out",
             str(a.out / "profile"),
+            *[arg for switch in a.set for arg in ("--set", switch)],
         ]
         print(run_logged(cmd, REPO, a.out / "profile.log")[-2500:])
     report(results, a.out)

@@ -50,3 +50,26 @@ def test_merge_names_an_unreadable_file(tmp_path):
     bad.write_text('{"40": {"torch": ')
     with pytest.raises(SystemExit, match=r"cannot read .*half\.json"):
         svt.merge([bad])
+
+
+def test_jaxrun_side_takes_switches_and_the_table_names_them(tmp_path, monkeypatch):
+    """--set reaches launch.py after the harness's own overrides, and the table says which ran."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [{"step": s, "step_ms": 900.0} for s in range(1, 41)] + [{"step": 40, "val_loss": 3.9}]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (run_dir / "result.json").write_text(json.dumps({"peak_device_gib": 35.0, "compile_s": 18.0}))
+    commands = []
+
+    def fake_run(cmd, cwd, log):
+        commands.append(cmd)
+        return f"run dir {run_dir}\n"
+
+    monkeypatch.setattr(svt, "run_logged", fake_run)
+    side = svt.run_jax(tmp_path, 40, 65536, ("t_*.bin", "v_*.bin"), ["model.kernels.mlp=pallas"])
+    (cmd,) = commands
+    assert cmd[-2:] == ["--set", "model.kernels.mlp=pallas"]
+    assert side["switches"] == ["model.kernels.mlp=pallas"] and side["val"] == {40: 3.9}
+    table = svt.table({40: {"torch": _side(1000.0), "jaxrun": side}})
+    assert "40 | jaxrun (model.kernels.mlp=pallas) | 900.0 |" in table
+    assert "0.900×" in table
