@@ -32,7 +32,7 @@ def row_tilings(kernel, tilings, **fixed) -> list[tuple[str, object]]:
 
 
 @jax.jit
-def _rel_err(got, ref):
+def max_rel_err(got, ref):
     """max |got - ref| / max |ref|, in one fusion: eager ops would write float32 copies of
     [N, V] outputs (13 GB at `simple`'s head) and run an 80 GB card out of memory."""
     ref = ref.astype(jnp.float32)
@@ -46,7 +46,9 @@ def compare(variants, inputs, moved_bytes: int, json_path: str | None = None) ->
         compiled = fn.lower(*inputs).compile()
         out = compiled(*inputs)
         want = out if want is None else want
-        err = max(float(_rel_err(got, ref)) for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want)))
+        err = max(
+            float(max_rel_err(got, ref)) for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want))
+        )
         ms, ms_min, _ = time_it(compiled, inputs)
         row = {
             "variant": name,

@@ -119,6 +119,7 @@ def mlp_variants(bias, tilings):
     out = {"xla": mlp_xla}
     for i, bs in enumerate(tilings):
         out[f"pallas_{i}"] = lambda *a, bs=bs: mlp_lib.relu2_mlp(*a, block_sizes=bs)
+    out["mosaic"] = lambda *a: mlp_lib.relu2_mlp(*a, gemms="mosaic")  # Hopper wgmma epilogue GEMMs
     return out
 
 
@@ -272,7 +273,7 @@ def main():
         )
         rows += case
         top = [best(case, tilings)]
-        for n, bias in ((65536, False), (49152, True)):
+        for n, bias in ((65536, False), (49152, True), (65536, True)):  # the last: simple's MLP
             args, n_diff = mlp_inputs(n, bias)
             rows += run_case(
                 f"mlp N={n}{' +bias' if bias else ''}",

@@ -166,7 +166,9 @@ class KernelConfig:
 
     # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
     attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
-    mlp: Literal["xla", "pallas"] = "xla"  # "pallas": the fused linear+ReLU² kernel
+    # "pallas": the fused linear+ReLU² kernels (Triton); "mosaic": the same, with its two epilogue
+    # GEMMs as Hopper wgmma/TMA kernels (pallas_kernels/relu2_mgpu.py; bf16, a Hopper GPU)
+    mlp: Literal["xla", "pallas", "mosaic"] = "xla"
     # "xla_fused": head + softcap ('isru', 'tanh') + CE as one custom VJP in XLA, no f32 [N, V];
     # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
     # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
@@ -220,7 +222,7 @@ class ModelConfig:
         check_choice(
             node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas")
         )
-        check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas"))
+        check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas", "mosaic"))
         check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
         check_choice(node + ".kernels", "norm", self.kernels.norm, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("auto", "xla", "pallas"))
@@ -238,7 +240,15 @@ class ModelConfig:
         )
         check(
             self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
-            f"model.kernels.mlp='pallas' fuses ReLU², but model.mlp.activation={self.mlp.activation!r}",
+            f"model.kernels.mlp={self.kernels.mlp!r} fuses ReLU², but model.mlp.activation="
+            f"{self.mlp.activation!r}",
+        )
+        check(
+            self.kernels.mlp != "mosaic"
+            or (self.model_dim % 64 == 0 and self.mlp_dim % 128 == 0 and self.compute_dtype == "bfloat16"),
+            "model.kernels.mlp='mosaic' runs bf16 GEMMs that tile the model width by 64 and the hidden "
+            f"width by 128, not compute_dtype={self.compute_dtype!r}, model_dim={self.model_dim} and "
+            f"mlp_dim={self.mlp_dim}",
         )
         check(
             self.kernels.norm != "pallas" or (self.norm == "rmsnorm" and self.model_dim % 16 == 0),

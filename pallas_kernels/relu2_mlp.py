@@ -7,7 +7,8 @@ backward recovers `relu(pre) = sqrt(post)` instead of keeping `pre`, and fuses
 the epilogue of the `dy @ w2ᵀ` kernel. The three plain matmuls
 (`post @ w2`, `dw1`/`dx`, `dw2`) go to XLA, whose cuBLAS GEMMs a Triton-lowered
 kernel does not beat. Kernels are portable `pallas_call`s with BlockSpecs, so
-`interpret=True` runs them on CPU.
+`interpret=True` runs them on CPU. With `gemms="mosaic"` the two epilogue GEMMs are the Hopper
+kernels of `relu2_mgpu.py` instead (wgmma and TMA; the Mosaic GPU simulator on CPU).
 """
 
 import dataclasses
@@ -17,8 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu_mosaic
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import relu2_mgpu
 from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
@@ -175,23 +178,36 @@ def _d_pre(dy, w2, post, has_bias, bs, interpret):
     return outs[0], (outs[1].sum(axis=0) if has_bias else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _relu2_mlp(x, w1, w2, b1, b2, bs, interpret):
-    return _relu2_mlp_fwd(x, w1, w2, b1, b2, bs, interpret)[0]
+def _mosaic_interpret(interpret: bool):
+    return plgpu_mosaic.InterpretGPUParams() if interpret else None
 
 
-def _relu2_mlp_fwd(x, w1, w2, b1, b2, bs, interpret):
-    post = _up_projection(x, w1, b1, bs, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _relu2_mlp(x, w1, w2, b1, b2, bs, gemms, interpret):
+    return _relu2_mlp_fwd(x, w1, w2, b1, b2, bs, gemms, interpret)[0]
+
+
+def _relu2_mlp_fwd(x, w1, w2, b1, b2, bs, gemms, interpret):
+    if gemms == "mosaic":
+        post = relu2_mgpu.up_relu2(x, w1, b1, interpret=_mosaic_interpret(interpret))
+    else:
+        post = _up_projection(x, w1, b1, bs, interpret)
     y = jnp.dot(post, w2, preferred_element_type=_F32)
     if b2 is not None:
         y = y + b2.astype(_F32)[None, :]
     return y.astype(x.dtype), (x, w1, w2, b1, b2, post)
 
 
-def _relu2_mlp_bwd(bs, interpret, res, dy):
+def _relu2_mlp_bwd(bs, gemms, interpret, res, dy):
     x, w1, w2, b1, b2, post = res
     dy = dy.astype(post.dtype)
-    d_pre, db1 = _d_pre(dy, w2, post, b1 is not None, bs, interpret)
+    if gemms == "mosaic":
+        d_pre, sums = relu2_mgpu.d_pre(
+            dy, w2, post, column_sum=b1 is not None, interpret=_mosaic_interpret(interpret)
+        )
+        db1 = None if sums is None else sums.sum(axis=0)
+    else:
+        d_pre, db1 = _d_pre(dy, w2, post, b1 is not None, bs, interpret)
     dw2 = lax.dot_general(post, dy, _TN, preferred_element_type=_F32).astype(w2.dtype)
     dw1 = lax.dot_general(x, d_pre, _TN, preferred_element_type=_F32).astype(w1.dtype)
     dx = jnp.dot(d_pre, w1.T, preferred_element_type=_F32).astype(x.dtype)
@@ -222,7 +238,7 @@ def _fit(bs: BlockSizes, n: int, d: int, f: int, itemsize: int) -> BlockSizes:
     return bs
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "gemms", "interpret"))
 def relu2_mlp(
     x: jax.Array,
     w1: jax.Array,
@@ -231,6 +247,7 @@ def relu2_mlp(
     b2: jax.Array | None = None,
     *,
     block_sizes: BlockSizes | None = None,
+    gemms: str = "triton",
     interpret: bool = False,
 ) -> jax.Array:
     """ReLU² MLP `relu(x @ w1 + b1)² @ w2 + b2`, differentiable in every array.
@@ -241,22 +258,29 @@ def relu2_mlp(
       w2: `[F, D]` down-projection.
       b1: optional `[F]` bias of the up-projection.
       b2: optional `[D]` bias of the down-projection.
-      block_sizes: kernel tiling; `BlockSizes.get_default()` when None.
-      interpret: run the Pallas kernels in the interpreter (CPU).
+      block_sizes: the Triton kernels' tiling; `BlockSizes.get_default()` when None.
+      gemms: "triton" (portable) or "mosaic" (Hopper; `relu2_mgpu.py`, its default tiling) for
+        the two GEMMs with the activation in their epilogue.
+      interpret: run the Pallas kernels in the interpreter (CPU), or the Mosaic GPU simulator.
 
     Returns:
       `[..., D]` output in `x.dtype`; matmuls accumulate in fp32. Rows are
       padded to a multiple of `block_m` internally.
     """
-    bs = block_sizes or BlockSizes.get_default()
+    if gemms not in ("triton", "mosaic"):
+        raise ValueError(f"relu2_mlp: gemms must be 'triton' or 'mosaic', got {gemms!r}")
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
-    bs = _fit(bs, n, d, w1.shape[1], x.dtype.itemsize)
-    pad = -n % bs.block_m
+    if gemms == "mosaic":  # relu2_mgpu checks its own shapes; the Triton tiling is unused
+        bs, rows = None, relu2_mgpu.row_multiple()
+    else:
+        bs = _fit(block_sizes or BlockSizes.get_default(), n, d, w1.shape[1], x.dtype.itemsize)
+        rows = bs.block_m
+    pad = -n % rows
     if pad:
         x2 = jnp.pad(x2, ((0, pad), (0, 0)))
-    y = _relu2_mlp(x2, w1.astype(x.dtype), w2.astype(x.dtype), b1, b2, bs, interpret)
+    y = _relu2_mlp(x2, w1.astype(x.dtype), w2.astype(x.dtype), b1, b2, bs, gemms, interpret)
     return y[:n].reshape(*lead, w2.shape[1])
 
 

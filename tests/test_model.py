@@ -147,6 +147,29 @@ def test_pallas_impls_match_xla():
     chex.assert_trees_all_close(grads_pallas, grads_xla, rtol=2e-2, atol=2e-4)
 
 
+def test_mosaic_mlp_matches_xla():
+    """The MLP with its epilogue GEMMs as Hopper kernels (in the Mosaic GPU simulator on CPU) gives
+    the XLA path's loss and gradients in bf16: the same function, rounded in other places (the
+    kernels keep ReLU² and its gradient in float32 up to their one bf16 output)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SIMPLE_STYLE, init="gpt2", compute_dtype="bfloat16")
+    mosaic = dataclasses.replace(cfg, kernels=KernelConfig(mlp="mosaic"))
+    params = model.init(jax.random.key(12), cfg)
+    batch = {"inputs": tokens(14), "targets": tokens(15)}
+    loss_xla, grads_xla = jax.value_and_grad(model.loss)(params, batch, cfg)
+    loss_mosaic, grads_mosaic = jax.value_and_grad(model.loss)(params, batch, mosaic)
+    np.testing.assert_allclose(loss_mosaic, loss_xla, rtol=1e-4)
+    for path, g, g_ref in zip(
+        jax.tree_util.tree_leaves_with_path(grads_mosaic),
+        jax.tree.leaves(grads_mosaic),
+        jax.tree.leaves(grads_xla),
+    ):
+        scale = float(jnp.max(jnp.abs(g_ref))) or 1.0
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - g_ref.astype(jnp.float32)))) / scale
+        assert err < 2e-2, f"{jax.tree_util.keystr(path[0])}: {err:.2e} of its largest entry"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
 def test_pallas_norm_matches_xla(dtype, scan):
@@ -249,6 +272,10 @@ def test_kernel_switches_are_validated():
 
     with pytest.raises(ConfigError, match="kernels.mlp='pallas' fuses ReLU²"):
         ModelConfig(kernels=KernelConfig(mlp="pallas"), mlp=MLPConfig(activation="gelu"))
+    with pytest.raises(ConfigError, match="kernels.mlp='mosaic' runs bf16 GEMMs.*model_dim=96"):
+        ModelConfig(kernels=KernelConfig(mlp="mosaic"), model_dim=96, head_dim=32)
+    with pytest.raises(ConfigError, match="kernels.mlp='mosaic' runs bf16 GEMMs.*compute_dtype='float32'"):
+        ModelConfig(kernels=KernelConfig(mlp="mosaic"), compute_dtype="float32")
     with pytest.raises(ConfigError, match="kernels.loss='pallas' supports softcap 'isru'"):
         ModelConfig(kernels=KernelConfig(loss="pallas"), head=HeadConfig(softcap="tanh"))
     with pytest.raises(ConfigError, match="kernels.logit_grad='pallas' is a pass of the fused head loss"):

@@ -160,7 +160,13 @@ def _relu2_mlp_pallas(h_ND, w_up, w_down, b_up=None, b_down=None):
     return relu2_mlp(h_ND, w_up, w_down, b_up, b_down, interpret=interpret())
 
 
-_RELU2_MLP = {"xla": _relu2_mlp_xla, "pallas": _relu2_mlp_pallas}
+def _relu2_mlp_mosaic(h_ND, w_up, w_down, b_up=None, b_down=None):
+    from pallas_kernels.relu2_mlp import relu2_mlp
+
+    return relu2_mlp(h_ND, w_up, w_down, b_up, b_down, gemms="mosaic", interpret=interpret())
+
+
+_RELU2_MLP = {"xla": _relu2_mlp_xla, "pallas": _relu2_mlp_pallas, "mosaic": _relu2_mlp_mosaic}
 
 
 def relu2_mlp(cfg: ModelConfig) -> Callable[..., jax.Array]:

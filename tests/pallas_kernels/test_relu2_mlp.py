@@ -59,9 +59,13 @@ class _Relu2MlpTest:
     LEAD = (3, 333)  # 999 rows: not a multiple of block_m
     D, F = 768, 3072
     BLOCK_SIZES = BlockSizes.get_default()
+    GEMMS = "triton"
+    DTYPES = (jnp.bfloat16, jnp.float32)
 
     def _run(self, x, w1, w2, b1, b2, dy):
-        mlp = lambda *a: relu2_mlp(*a, block_sizes=self.BLOCK_SIZES, interpret=self.INTERPRET)
+        mlp = lambda *a: relu2_mlp(
+            *a, block_sizes=self.BLOCK_SIZES, gemms=self.GEMMS, interpret=self.INTERPRET
+        )
         args = (x, w1, w2) if b1 is None else (x, w1, w2, b1, b2)
         y, vjp = jax.vjp(mlp, *args)
         y_ref, vjp_ref = jax.vjp(relu2_mlp_reference, *args)
@@ -72,6 +76,10 @@ class _Relu2MlpTest:
     def test_matches_reference(self, dtype, bias):
         seed = fresh_seed()
         args = _inputs(seed, self.LEAD, self.D, self.F, dtype, bias)
+        if dtype not in self.DTYPES:
+            with pytest.raises(ValueError, match="bf16"):
+                self._run(*args)
+            return
         (y, grads), (y_ref, grads_ref) = self._run(*args)
         assert y.dtype == dtype
         _assert_close("y", y, y_ref, FWD_TOL[dtype], seed)
@@ -109,3 +117,23 @@ class TestRelu2MlpInterpret(_Relu2MlpTest):
     LEAD = (2, 100)
     D, F = 64, 256
     BLOCK_SIZES = BlockSizes(block_m=64, block_n=64, block_k=32, group_m=2)
+
+
+class _MosaicGemms(_Relu2MlpTest):
+    """The two epilogue GEMMs as Hopper wgmma/TMA kernels (relu2_mgpu.py): bf16 only."""
+
+    GEMMS = "mosaic"
+    DTYPES = (jnp.bfloat16,)
+
+
+@pytest.mark.gpu
+class TestRelu2MlpMosaic(_MosaicGemms):
+    """Compiled for Hopper, at the model's widths."""
+
+
+class TestRelu2MlpMosaicInterpret(_MosaicGemms):
+    """In the Mosaic GPU simulator; 200 rows, padded to one 256-row CTA."""
+
+    INTERPRET = True
+    LEAD = (2, 100)
+    D, F = 64, 256
