@@ -37,7 +37,7 @@ TILINGS = [(128, 128, 64, 3), (128, 128, 64, 2), (64, 128, 64, 4), (64, 256, 64,
 
 
 def xla_up(x, w1, b1):
-    pre = jnp.dot(x, w1, preferred_element_type=jnp.float32).astype(x.dtype) + b1.astype(x.dtype)
+    pre = jnp.dot(x, w1, preferred_element_type=jnp.float32).astype(x.dtype) + b1.astype(x.dtype)[None, :]
     return jnp.square(jnp.maximum(pre, 0))
 
 

@@ -79,32 +79,64 @@ def _check(n: int, d: int, f: int, tiles: Tiles, dtype) -> None:
         )
 
 
-def _producer(
-    a_ref, w_ref, a_smem, w_smem, a_loaded, w_loaded, freed, *, mi, cols, w_rows_are_n, tiles, k_steps
-):
-    """Streams each K slice: both consumers' rows of `a` and the shared w slice, into the ring."""
-    plgpu.set_max_registers(40, action="decrease")
-    tm, tk = tiles.tile_m, tiles.tile_k
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """The persistent grid: `programs` CTAs walk the `[N / (2·tile_m), F / tile_n]` tiles in row-major
+    order, CTA p taking tiles p, p + programs, ... (consecutive CTAs share the rows of `a`)."""
 
-    def load(j, s):
-        ks = pl.ds(j * tk, tk)
+    tiles: Tiles
+    k_steps: int
+    col_tiles: int
+    total: int
+    programs: int
+
+    def count(self, pid):
+        """How many tiles CTA `pid` takes."""
+        return (self.total - pid + self.programs - 1) // self.programs
+
+    def tile(self, pid, i):
+        """`(row tile of the CTA, column tile)` of CTA `pid`'s i-th tile."""
+        t = pid + i * self.programs
+        return t // self.col_tiles, t % self.col_tiles
+
+
+def _schedule(n: int, d: int, f: int, tiles: Tiles, interpret) -> _Schedule:
+    total = (n // (_CONSUMERS * tiles.tile_m)) * (f // tiles.tile_n)
+    # one CTA per SM on a GPU; in the simulator, a few, so each walks several tiles
+    sms = 3 if interpret is not None else jax.devices()[0].core_count
+    return _Schedule(tiles, d // tiles.tile_k, f // tiles.tile_n, total, min(total, sms))
+
+
+def _producer(a_ref, w_ref, a_smem, w_smem, a_loaded, w_loaded, freed, *, pid, w_rows_are_n, sched):
+    """Streams every K slice of every tile of this CTA, in order: both consumers' rows of `a` and
+    the shared w slice, into the ring (it runs ahead into the next tile while the consumers finish)."""
+    plgpu.set_max_registers(40, action="decrease")
+    tm, tn, tk = sched.tiles.tile_m, sched.tiles.tile_n, sched.tiles.tile_k
+
+    def load(g, s):
+        mi, ni = sched.tile(pid, g // sched.k_steps)
+        ks, cols = pl.ds(lax.rem(g, sched.k_steps) * tk, tk), pl.ds(ni * tn, tn)
         for c in range(_CONSUMERS):
             rows = pl.ds((mi * _CONSUMERS + c) * tm, tm)
             plgpu.copy_gmem_to_smem(a_ref.at[rows, ks], a_smem.at[s, c], a_loaded.at[s * _CONSUMERS + c])
         w_at = w_ref.at[cols, ks] if w_rows_are_n else w_ref.at[ks, cols]
         plgpu.copy_gmem_to_smem(w_at, w_smem.at[s], w_loaded.at[s])
 
-    ring(0, k_steps, tiles.stages, load, (freed,))
+    ring(0, sched.count(pid) * sched.k_steps, sched.tiles.stages, load, (freed,))
 
 
-def _accumulate(a_smem, w_smem, a_loaded, w_loaded, freed, *, wg, w_rows_are_n, tiles, k_steps):
-    """One consumer's `[tile_m, tile_n]` float32 product over every K slice of the ring."""
-    stages = tiles.stages
+def _accumulate(a_smem, w_smem, a_loaded, w_loaded, freed, *, wg, first, w_rows_are_n, sched):
+    """One consumer's `[tile_m, tile_n]` float32 product over one tile's K slices, the ring's
+    steps `first`.. (the ring runs on across tiles)."""
+    stages = sched.tiles.stages
+
+    def slot(g):
+        return lax.rem(g, jnp.int32(stages))
 
     def mma(acc_ref):
-        @pl.loop(0, k_steps)
+        @pl.loop(0, sched.k_steps)
         def _step(j):
-            s = lax.rem(j, jnp.int32(stages))
+            s = slot(first + j)
             plgpu.barrier_wait(a_loaded.at[s * _CONSUMERS + wg])
             plgpu.barrier_wait(w_loaded.at[s])
             plgpu.wgmma(acc_ref, a_smem.at[s, wg], w_smem.at[s].T if w_rows_are_n else w_smem.at[s])
@@ -112,23 +144,21 @@ def _accumulate(a_smem, w_smem, a_loaded, w_loaded, freed, *, wg, w_rows_are_n, 
 
             @pl.when(j > 0)
             def _():
-                plgpu.barrier_arrive(freed.at[lax.rem(j - 1, jnp.int32(stages))])
+                plgpu.barrier_arrive(freed.at[slot(first + j - 1)])
 
         plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(freed.at[(k_steps - 1) % stages])
+        plgpu.barrier_arrive(freed.at[slot(first + sched.k_steps - 1)])
         return acc_ref[...]
 
-    return pl.run_scoped(mma, plgpu.ACC((tiles.tile_m, tiles.tile_n), _F32))
+    return pl.run_scoped(mma, plgpu.ACC((sched.tiles.tile_m, sched.tiles.tile_n), _F32))
 
 
-def _launch(kernel, a, w, extra, *, w_rows_are_n, out_shape, tiles, interpret, name):
-    n = a.shape[0]
-    f = w.shape[0] if w_rows_are_n else w.shape[1]
+def _launch(kernel, a, w, extra, *, out_shape, sched, interpret, name):
     return plgpu.kernel(
         kernel,
         out_type=out_shape,
-        grid=(f // tiles.tile_n, n // (_CONSUMERS * tiles.tile_m)),
-        grid_names=("n_tiles", "m_tiles"),
+        grid=(sched.programs,),
+        grid_names=("programs",),
         num_threads=_CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -149,28 +179,37 @@ def _ring_scratch(a, w, tiles, w_rows_are_n):
     )
 
 
+def _consumer_loop(pid, sched, tile_body) -> None:
+    """`tile_body(i, mi, ni, first)` for each of CTA `pid`'s tiles, then waits for its last stores."""
+    plgpu.set_max_registers(232, action="increase")
+
+    @pl.loop(0, sched.count(pid))
+    def _tile(i):
+        mi, ni = sched.tile(pid, i)
+        tile_body(i, mi, ni, i * sched.k_steps)
+
+    plgpu.wait_smem_to_gmem(0)
+
+
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def up_relu2(x_ND, w1_DF, b1_F=None, *, tiles: Tiles = Tiles(), interpret=None):
     """`relu(x @ w1 + b1)²` `[N, F]` in x's dtype; the bias (any float dtype) is added in float32."""
     n, d = x_ND.shape
     f = w1_DF.shape[1]
     _check(n, d, f, tiles, x_ND.dtype)
+    sched = _schedule(n, d, f, tiles, interpret)
     tm, tn = tiles.tile_m, tiles.tile_n
     has_bias = b1_F is not None
-    k_steps = d // tiles.tile_k
 
     def kernel(x_ref, w_ref, *refs):
-        b_ref = refs[0] if has_bias else None
-        post_ref = refs[-1]
+        b_ref, post_ref = (refs[0] if has_bias else None), refs[-1]
 
         def scoped(ring_smem, out_smem, b_smem, b_loaded):
             a_smem, w_smem, a_loaded, w_loaded, freed = ring_smem
-            ni, mi, wg = lax.axis_index("n_tiles"), lax.axis_index("m_tiles"), lax.axis_index("wg")
-            cols = pl.ds(ni * tn, tn)
+            pid, wg = lax.axis_index("programs"), lax.axis_index("wg")
 
-            @pl.when(wg < _CONSUMERS)
-            def _consumer():
-                plgpu.set_max_registers(232, action="increase")
+            def tile_body(i, mi, ni, first):
+                cols = pl.ds(ni * tn, tn)
                 if has_bias:
                     plgpu.copy_gmem_to_smem(b_ref.at[cols], b_smem.at[wg], b_loaded.at[wg])
                 acc = _accumulate(
@@ -180,25 +219,23 @@ def up_relu2(x_ND, w1_DF, b1_F=None, *, tiles: Tiles = Tiles(), interpret=None):
                     w_loaded,
                     freed,
                     wg=wg,
+                    first=first,
                     w_rows_are_n=False,
-                    tiles=tiles,
-                    k_steps=k_steps,
+                    sched=sched,
                 )
                 if has_bias:
                     plgpu.barrier_wait(b_loaded.at[wg])
-                    acc = acc + lax.broadcast_in_dim(
-                        plgpu.load(b_smem.at[wg], layout=_COL), acc.shape, [1]
-                    )
+                    acc = acc + lax.broadcast_in_dim(plgpu.load(b_smem.at[wg], layout=_COL), acc.shape, [1])
                 relu = jnp.maximum(acc, 0.0)
                 out = out_smem.at[wg]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store has left SMEM
                 out[...] = (relu * relu).astype(out.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(out, post_ref.at[pl.ds((mi * _CONSUMERS + wg) * tm, tm), cols])
-                plgpu.wait_smem_to_gmem(0)
 
-            @pl.when(wg == _CONSUMERS)
-            def _():
-                _producer(
+            pl.when(wg < _CONSUMERS)(lambda: _consumer_loop(pid, sched, tile_body))
+            pl.when(wg == _CONSUMERS)(
+                lambda: _producer(
                     x_ref,
                     w_ref,
                     a_smem,
@@ -206,12 +243,11 @@ def up_relu2(x_ND, w1_DF, b1_F=None, *, tiles: Tiles = Tiles(), interpret=None):
                     a_loaded,
                     w_loaded,
                     freed,
-                    mi=mi,
-                    cols=cols,
+                    pid=pid,
                     w_rows_are_n=False,
-                    tiles=tiles,
-                    k_steps=k_steps,
+                    sched=sched,
                 )
+            )
 
         pl.run_scoped(
             scoped,
@@ -223,16 +259,10 @@ def up_relu2(x_ND, w1_DF, b1_F=None, *, tiles: Tiles = Tiles(), interpret=None):
         )
 
     extra = [b1_F.astype(_F32)] if has_bias else []
+    out_shape = out_struct(x_ND, (n, f), x_ND.dtype)
+    w1 = w1_DF.astype(x_ND.dtype)
     return _launch(
-        kernel,
-        x_ND,
-        w1_DF.astype(x_ND.dtype),
-        extra,
-        w_rows_are_n=False,
-        out_shape=out_struct(x_ND, (n, f), x_ND.dtype),
-        tiles=tiles,
-        interpret=interpret,
-        name="relu2_up_mgpu",
+        kernel, x_ND, w1, extra, out_shape=out_shape, sched=sched, interpret=interpret, name="relu2_up_mgpu"
     )
 
 
@@ -245,21 +275,31 @@ def d_pre(dy_ND, w2_FD, post_NF, *, column_sum: bool, tiles: Tiles = Tiles(), in
     _check(n, d, f, tiles, dy_ND.dtype)
     if post_NF.shape != (n, f):
         raise ValueError(f"relu2_mgpu.d_pre: post must be [N, F] = {(n, f)}, got {post_NF.shape}")
+    sched = _schedule(n, d, f, tiles, interpret)
     tm, tn = tiles.tile_m, tiles.tile_n
-    k_steps = d // tiles.tile_k
 
     def kernel(dy_ref, w_ref, post_ref, dpre_ref, *sum_refs):
-        def scoped(ring_smem, io_smem, sum_smem, post_loaded, turn):
+        def scoped(ring_smem, io_smem, sum_smem, post_loaded, summed):
             a_smem, w_smem, a_loaded, w_loaded, freed = ring_smem
-            ni, mi, wg = lax.axis_index("n_tiles"), lax.axis_index("m_tiles"), lax.axis_index("wg")
-            cols = pl.ds(ni * tn, tn)
+            pid, wg = lax.axis_index("programs"), lax.axis_index("wg")
 
-            @pl.when(wg < _CONSUMERS)
-            def _consumer():
-                plgpu.set_max_registers(232, action="increase")
+            def column_sums(i, grad, m_tile, cols):
+                # The cross-warp reduction has one SMEM scratch per CTA: the consumers take turns,
+                # consumer 0 first; `summed` holds one barrier per consumer, "my sums are done".
+                @pl.when((wg == 1) | (i > 0))
+                def _():
+                    plgpu.barrier_wait(summed.at[1 - wg])
+
+                sum_smem.at[wg][...] = grad.sum(axis=0)
+                plgpu.barrier_arrive(summed.at[wg])
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(sum_smem.at[wg], sum_refs[0].at[m_tile, cols])
+
+            def tile_body(i, mi, ni, first):
                 m_tile = mi * _CONSUMERS + wg
-                rows = pl.ds(m_tile * tm, tm)
+                rows, cols = pl.ds(m_tile * tm, tm), pl.ds(ni * tn, tn)
                 io = io_smem.at[wg]  # the post tile in, the d_pre tile out
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores have left SMEM
                 plgpu.copy_gmem_to_smem(post_ref.at[rows, cols], io, post_loaded.at[wg])
                 acc = _accumulate(
                     a_smem,
@@ -268,35 +308,29 @@ def d_pre(dy_ND, w2_FD, post_NF, *, column_sum: bool, tiles: Tiles = Tiles(), in
                     w_loaded,
                     freed,
                     wg=wg,
+                    first=first,
                     w_rows_are_n=True,
-                    tiles=tiles,
-                    k_steps=k_steps,
+                    sched=sched,
                 )
                 plgpu.barrier_wait(post_loaded.at[wg])
-                post = plgpu.load(io, layout=plgpu.Layout.WGMMA).astype(_F32)
-                grad = 2.0 * jnp.sqrt(post) * acc
+                grad = 2.0 * jnp.sqrt(plgpu.load(io, layout=plgpu.Layout.WGMMA).astype(_F32)) * acc
                 io[...] = grad.astype(io.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(io, dpre_ref.at[rows, cols])
                 if column_sum:
-                    # the cross-warp reduction uses one SMEM scratch for the CTA: one consumer at a time
-                    @pl.when(wg == 1)
-                    def _():
-                        plgpu.barrier_wait(turn)
+                    column_sums(i, grad, m_tile, cols)
 
-                    sum_smem.at[wg][...] = grad.sum(axis=0)
-
-                    @pl.when(wg == 0)
-                    def _():
-                        plgpu.barrier_arrive(turn)
-
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(sum_smem.at[wg], sum_refs[0].at[m_tile, cols])
-                plgpu.wait_smem_to_gmem(0)
-
-            @pl.when(wg == _CONSUMERS)
+            @pl.when(wg < _CONSUMERS)
             def _():
-                _producer(
+                _consumer_loop(pid, sched, tile_body)
+                if column_sum:  # consumer 0 takes the last turn's barrier too: every phase is observed
+
+                    @pl.when((wg == 0) & (sched.count(pid) > 0))
+                    def _():
+                        plgpu.barrier_wait(summed.at[1])
+
+            pl.when(wg == _CONSUMERS)(
+                lambda: _producer(
                     dy_ref,
                     w_ref,
                     a_smem,
@@ -304,12 +338,11 @@ def d_pre(dy_ND, w2_FD, post_NF, *, column_sum: bool, tiles: Tiles = Tiles(), in
                     a_loaded,
                     w_loaded,
                     freed,
-                    mi=mi,
-                    cols=cols,
+                    pid=pid,
                     w_rows_are_n=True,
-                    tiles=tiles,
-                    k_steps=k_steps,
+                    sched=sched,
                 )
+            )
 
         pl.run_scoped(
             scoped,
@@ -317,21 +350,21 @@ def d_pre(dy_ND, w2_FD, post_NF, *, column_sum: bool, tiles: Tiles = Tiles(), in
             plgpu.SMEM((_CONSUMERS, tm, tn), post_NF.dtype, transforms=_TRANSFORMS),
             plgpu.SMEM((_CONSUMERS, tn), _F32),
             plgpu.Barrier(num_barriers=_CONSUMERS),
-            plgpu.Barrier(),
+            plgpu.Barrier(num_barriers=_CONSUMERS),
             collective_axes="wg",
         )
 
     out_shape = [out_struct(dy_ND, (n, f), post_NF.dtype)]
     if column_sum:
         out_shape.append(out_struct(dy_ND, (n // tm, f), _F32))
+    w2 = w2_FD.astype(dy_ND.dtype)
     outs = _launch(
         kernel,
         dy_ND,
-        w2_FD.astype(dy_ND.dtype),
+        w2,
         [post_NF],
-        w_rows_are_n=True,
         out_shape=out_shape,
-        tiles=tiles,
+        sched=sched,
         interpret=interpret,
         name="relu2_dpre_mgpu",
     )
