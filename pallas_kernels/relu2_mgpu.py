@@ -12,11 +12,12 @@ reads it back (two HBM round trips of 0.4 GB a 64-sequence micro-batch of `simpl
 kernels in `relu2_mlp.py` fuse them too, but their GEMMs run well under cuBLAS's speed; these use
 Hopper's wgmma and the TMA copy engine.
 
-Each CTA computes `2·tile_m` rows × `tile_n` columns with three warpgroups: a producer streams the
-K slices of x (or dy) and w by TMA into a ring of `stages` SMEM slots; two consumers each own
-`tile_m` rows, share the w slice, and accumulate in registers with wgmma. The epilogue's inputs
-(the bias slice, or the `post` tile) are loaded by TMA while the K loop runs; the output tile goes
-back through SMEM by TMA.
+The kernels are persistent: one CTA per SM walks output tiles of `2·tile_m` rows × `tile_n`
+columns with three warpgroups. A producer streams the K slices of x (or dy) and w by TMA into a
+ring of `stages` SMEM slots, running on into the next tile while the consumers finish the last;
+two consumers each own `tile_m` rows of a tile, share its w slice, and accumulate in registers with
+wgmma. The epilogue's inputs (the bias slice, or the `post` tile) are loaded by TMA while the K
+loop runs; the output tile goes back through SMEM by TMA, its store overlapping the next tile.
 
 Shapes: N a multiple of `2·tile_m`, F of `tile_n`, D of `tile_k` (`simple`: N = 65,536, D = 768,
 F = 3,072). On CPU the kernels run in the Mosaic GPU simulator (`plgpu.InterpretGPUParams`).
