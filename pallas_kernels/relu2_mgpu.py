@@ -108,10 +108,11 @@ def _schedule(n: int, d: int, f: int, tiles: Tiles, interpret) -> _Schedule:
     return _Schedule(tiles, d // tiles.tile_k, f // tiles.tile_n, total, min(total, sms))
 
 
-def _producer(a_ref, w_ref, a_smem, w_smem, a_loaded, w_loaded, freed, *, pid, w_rows_are_n, sched):
+def _producer(a_ref, w_ref, ring_smem, *, pid, w_rows_are_n, sched):
     """Streams every K slice of every tile of this CTA, in order: both consumers' rows of `a` and
     the shared w slice, into the ring (it runs ahead into the next tile while the consumers finish)."""
     plgpu.set_max_registers(40, action="decrease")
+    a_smem, w_smem, a_loaded, w_loaded, freed = ring_smem
     tm, tn, tk = sched.tiles.tile_m, sched.tiles.tile_n, sched.tiles.tile_k
 
     def load(g, s):
@@ -126,9 +127,10 @@ def _producer(a_ref, w_ref, a_smem, w_smem, a_loaded, w_loaded, freed, *, pid, w
     ring(0, sched.count(pid) * sched.k_steps, sched.tiles.stages, load, (freed,))
 
 
-def _accumulate(a_smem, w_smem, a_loaded, w_loaded, freed, *, wg, first, w_rows_are_n, sched):
+def _accumulate(ring_smem, *, wg, first, w_rows_are_n, sched):
     """One consumer's `[tile_m, tile_n]` float32 product over one tile's K slices, the ring's
     steps `first`.. (the ring runs on across tiles)."""
+    a_smem, w_smem, a_loaded, w_loaded, freed = ring_smem
     stages = sched.tiles.stages
 
     def slot(g):
@@ -206,24 +208,13 @@ def up_relu2(x_ND, w1_DF, b1_F=None, *, tiles: Tiles = Tiles(), interpret=None):
         b_ref, post_ref = (refs[0] if has_bias else None), refs[-1]
 
         def scoped(ring_smem, out_smem, b_smem, b_loaded):
-            a_smem, w_smem, a_loaded, w_loaded, freed = ring_smem
             pid, wg = lax.axis_index("programs"), lax.axis_index("wg")
 
             def tile_body(i, mi, ni, first):
                 cols = pl.ds(ni * tn, tn)
                 if has_bias:
                     plgpu.copy_gmem_to_smem(b_ref.at[cols], b_smem.at[wg], b_loaded.at[wg])
-                acc = _accumulate(
-                    a_smem,
-                    w_smem,
-                    a_loaded,
-                    w_loaded,
-                    freed,
-                    wg=wg,
-                    first=first,
-                    w_rows_are_n=False,
-                    sched=sched,
-                )
+                acc = _accumulate(ring_smem, wg=wg, first=first, w_rows_are_n=False, sched=sched)
                 if has_bias:
                     plgpu.barrier_wait(b_loaded.at[wg])
                     acc = acc + lax.broadcast_in_dim(plgpu.load(b_smem.at[wg], layout=_COL), acc.shape, [1])
@@ -236,18 +227,7 @@ def up_relu2(x_ND, w1_DF, b1_F=None, *, tiles: Tiles = Tiles(), interpret=None):
 
             pl.when(wg < _CONSUMERS)(lambda: _consumer_loop(pid, sched, tile_body))
             pl.when(wg == _CONSUMERS)(
-                lambda: _producer(
-                    x_ref,
-                    w_ref,
-                    a_smem,
-                    w_smem,
-                    a_loaded,
-                    w_loaded,
-                    freed,
-                    pid=pid,
-                    w_rows_are_n=False,
-                    sched=sched,
-                )
+                lambda: _producer(x_ref, w_ref, ring_smem, pid=pid, w_rows_are_n=False, sched=sched)
             )
 
         pl.run_scoped(
@@ -281,7 +261,6 @@ def d_pre(dy_ND, w2_FD, post_NF, *, column_sum: bool, tiles: Tiles = Tiles(), in
 
     def kernel(dy_ref, w_ref, post_ref, dpre_ref, *sum_refs):
         def scoped(ring_smem, io_smem, sum_smem, post_loaded, summed):
-            a_smem, w_smem, a_loaded, w_loaded, freed = ring_smem
             pid, wg = lax.axis_index("programs"), lax.axis_index("wg")
 
             def column_sums(i, grad, m_tile, cols):
@@ -302,17 +281,7 @@ def d_pre(dy_ND, w2_FD, post_NF, *, column_sum: bool, tiles: Tiles = Tiles(), in
                 io = io_smem.at[wg]  # the post tile in, the d_pre tile out
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores have left SMEM
                 plgpu.copy_gmem_to_smem(post_ref.at[rows, cols], io, post_loaded.at[wg])
-                acc = _accumulate(
-                    a_smem,
-                    w_smem,
-                    a_loaded,
-                    w_loaded,
-                    freed,
-                    wg=wg,
-                    first=first,
-                    w_rows_are_n=True,
-                    sched=sched,
-                )
+                acc = _accumulate(ring_smem, wg=wg, first=first, w_rows_are_n=True, sched=sched)
                 plgpu.barrier_wait(post_loaded.at[wg])
                 grad = 2.0 * jnp.sqrt(plgpu.load(io, layout=plgpu.Layout.WGMMA).astype(_F32)) * acc
                 io[...] = grad.astype(io.dtype)
@@ -331,18 +300,7 @@ def d_pre(dy_ND, w2_FD, post_NF, *, column_sum: bool, tiles: Tiles = Tiles(), in
                         plgpu.barrier_wait(summed.at[1])
 
             pl.when(wg == _CONSUMERS)(
-                lambda: _producer(
-                    dy_ref,
-                    w_ref,
-                    a_smem,
-                    w_smem,
-                    a_loaded,
-                    w_loaded,
-                    freed,
-                    pid=pid,
-                    w_rows_are_n=True,
-                    sched=sched,
-                )
+                lambda: _producer(dy_ref, w_ref, ring_smem, pid=pid, w_rows_are_n=True, sched=sched)
             )
 
         pl.run_scoped(
