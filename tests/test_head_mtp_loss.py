@@ -29,7 +29,7 @@ LOSS_TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 sums; the log-sum-exp is shif
 # themselves. Such flips must stay rare and one step wide.
 E5M2_FLIP_FRAC, E5M2_STEP = 1e-3, 0.25
 # dh and dw (divided by max|reference|): the same flips seen through the GEMMs (read the comment on
-# FP8_GRAD_TOL in tests/test_parity_record77.py).
+# FP8_HEAD_GRAD_TOL in tests/test_parity_record77.py).
 GRAD_TOL = 1e-3
 # A cotangent g other than 1: the fused path rounds dL/dl to e5m2 and then scales by g (and rounds
 # h·g/max|g| to e4m3 for dW), autodiff rounds g·dL/dl to e5m2. The largest entries of a row (the

@@ -66,11 +66,24 @@ LATER = frozenset({"fp8_mlp_up"})
 REQUIRES = {"key_offset": ("windows",)}  # the key offset lives on the long-window layers
 
 # The FP8 head quantizes activations to e4m3 (3 mantissa bits) and logit gradients to e5m2 (2 bits),
-# and rounds its output to bf16. Inputs that differ by float32 rounding (~1e-7) now and then land on
-# two sides of a quantization boundary, and that element then moves by a whole step (2^-3 or 2^-2
-# of itself). Losses stay within 1e-5, but a leaf whose gradient sums many cancelling terms (the
-# backout lambda, a scalar) can move by ~2e-4 of its size from one such flip.
-FP8_GRAD_TOL = 1e-3
+# and rounds its output to bf16; the FP8 MLP up-projection quantizes its input and weight to e4m3
+# with scales from their current maxima. Inputs that differ by float32 rounding (~1e-7) now and then
+# land on two sides of a quantization boundary, and that element then moves by a whole step (2^-3 or
+# 2^-2 of itself). Losses stay within 1e-5, but gradients move, and two machines round differently
+# (the MLP case passed at 1e-3 on one CPU and gave 1.2e-3 on another). The bounds come from jaxrun
+# against itself: params scaled by 1 + 2e-7·noise (6 draws) moved gradients by up to 8.8e-4 of a
+# leaf's scale with the FP8 head and up to 8.5e-3 with the FP8 MLP; a few times that is allowed. Both
+# stay well under what FP8 itself changes against the same model without it (6e-2 to 9e-2), so
+# a side that skipped or misplaced a quantization still fails.
+FP8_HEAD_GRAD_TOL = 3e-3
+FP8_MLP_GRAD_TOL = 2e-2
+
+
+def grad_tol(on: frozenset) -> float:
+    """The gradient bound for a set of switched-on techniques (the loosest that applies)."""
+    if "fp8_mlp_up" in on:
+        return FP8_MLP_GRAD_TOL
+    return FP8_HEAD_GRAD_TOL if "fp8_head" in on else GRAD_TOL
 
 
 def tiny(compute_dtype: str = "float32") -> Config:
@@ -321,9 +334,8 @@ def test_recipe_loss_and_gradients(recipe_cases, index):
     np.testing.assert_allclose(weights[:n], answer["mtp_weights"], rtol=1e-6)
     assert not weights[n:].any()
     loss, grads = jax_loss_and_grads(cfg, params, batch, step)
-    fp8 = "fp8_head" in on
     np.testing.assert_allclose(loss, float(answer["loss"]), rtol=LOSS_RTOL, err_msg=what)
-    assert_same_grads(grads, answer, FP8_GRAD_TOL if fp8 else GRAD_TOL, what)
+    assert_same_grads(grads, answer, grad_tol(on), what)
 
 
 @pytest.mark.parametrize("index", range(len(EVAL_STEPS)))
@@ -356,8 +368,7 @@ def test_each_technique_alone(feature_cases, index):
     cfg = dataclasses.replace(cfg, model=switched(cfg.model, on))
     loss, grads = jax_loss_and_grads(cfg, params, batch, FEATURE_STEP)
     np.testing.assert_allclose(loss, float(answers[index]["loss"]), rtol=LOSS_RTOL)
-    fp8 = bool(on & {"fp8_head", "fp8_mlp_up"})
-    assert_same_grads(grads, answers[index], FP8_GRAD_TOL if fp8 else GRAD_TOL, f"{sorted(on)}")
+    assert_same_grads(grads, answers[index], grad_tol(on), f"{sorted(on)}")
 
 
 # --- bfloat16 ---------------------------------------------------------------------------------
