@@ -104,7 +104,7 @@ class _Schedule:
 def _schedule(n: int, d: int, f: int, tiles: Tiles, interpret) -> _Schedule:
     total = (n // (_CONSUMERS * tiles.tile_m)) * (f // tiles.tile_n)
     # one CTA per SM on a GPU; in the simulator, a few, so each walks several tiles
-    sms = 3 if interpret is not None else jax.devices()[0].core_count
+    sms = 5 if interpret is not None else jax.devices()[0].core_count
     return _Schedule(tiles, d // tiles.tile_k, f // tiles.tile_n, total, min(total, sms))
 
 

@@ -1,9 +1,9 @@
 """The Mosaic GPU epilogue GEMMs (`relu2_mgpu.up_relu2`, `relu2_mgpu.d_pre`) against float32 references.
 
-On CPU they run in the Mosaic GPU simulator, where three CTAs walk the tiles, so each takes several
+On CPU they run in the Mosaic GPU simulator, where five CTAs walk the tiles, so each takes several
 and one takes fewer (the persistent loop, the ring running on across tiles, the consumers' turns
-at the column sums); the `gpu`-marked class compiles them for Hopper at `simple`'s widths. Every
-tiling the bench sweeps is checked here.
+at the column sums); the `gpu`-marked class compiles them for Hopper at `simple`'s widths, at every
+tiling the bench sweeps.
 """
 
 import jax
@@ -95,11 +95,12 @@ class TestRelu2Mgpu(_Relu2MgpuTest):
 
 
 class TestRelu2MgpuInterpret(_Relu2MgpuTest):
-    """In the Mosaic GPU simulator: 2 × 6 tiles at the default tiling on 3 CTAs, every tiling."""
+    """In the Mosaic GPU simulator: 2 × 6 tiles at the default tiling on 5 CTAs; the default tiling
+    and the one of another shape on both axes (the GPU class takes every tiling)."""
 
     INTERPRET = True
     SHAPE = (512, 128, 768)
-    TILINGS = TILINGS
+    TILINGS = (TILINGS[0], (64, 256, 64, 3))
 
 
 def test_bad_shapes_and_dtypes_are_named():
