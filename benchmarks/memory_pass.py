@@ -39,12 +39,22 @@ def max_rel_err(got, ref):
     return jnp.max(jnp.abs(got.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))
 
 
-def compare(variants, inputs, moved_bytes: int, json_path: str | None = None) -> list[dict]:
-    """Prints one line per `(name, jitted fn)` and returns the rows (also written to `json_path`)."""
+def compare(
+    variants, inputs, moved_bytes: int, json_path: str | None = None, *, flops: int | None = None
+) -> list[dict]:
+    """Prints one line per `(name, jitted fn)` and returns the rows (also written to `json_path`).
+
+    A variant that fails to build or run (a tiling over the SMEM, say) prints its error and the
+    table goes on. With `flops`, each row also gives TFLOP/s (passes that are GEMMs).
+    """
     rows, want = [], None
     for name, fn in variants:
-        compiled = fn.lower(*inputs).compile()
-        out = compiled(*inputs)
+        try:
+            compiled = fn.lower(*inputs).compile()
+            out = compiled(*inputs)
+        except Exception as e:  # noqa: BLE001 (keep the rest of the table)
+            print(f"{name:40s} failed: {repr(e)[:300]}", flush=True)
+            continue
         want = out if want is None else want
         err = max(
             float(max_rel_err(got, ref)) for got, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want))
@@ -58,9 +68,13 @@ def compare(variants, inputs, moved_bytes: int, json_path: str | None = None) ->
             "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30,
             "max_rel_err_vs_first": err,
         }
+        rate = ""
+        if flops:
+            row["tflops"] = flops / ms / 1e9
+            rate = f"  {row['tflops']:6.1f} TFLOP/s"
         rows.append(row)
         print(
-            f"{name:40s} {ms:7.3f} ms (min {ms_min:.3f})  {row['tb_s']:5.2f} TB/s  temp "
+            f"{name:40s} {ms:7.3f} ms (min {ms_min:.3f})  {row['tb_s']:5.2f} TB/s{rate}  temp "
             f"{row['temp_gib']:.3f} GiB  err {err:.1e}",
             flush=True,
         )

@@ -7,8 +7,9 @@ At `simple`'s micro-batch (N = 65,536 tokens, D = 768, F = 3,072, bf16, biases):
 - d_pre: `2·sqrt(post)·(dy @ w2ᵀ)` and the bias gradient's column sums. XLA writes `dy @ w2ᵀ`
   and a fusion reads it back with `post`; `relu2_mgpu.d_pre` reads `post` in its epilogue.
 
-Each kernel runs at several tilings. Prints ms per call (median of 15 batches of 5), TFLOP/s of the
-GEMM, XLA's temp memory and the largest difference from XLA relative to its largest entry. On a
+Each kernel runs at several tilings. Prints ms per call (median of 15 batches of 5), the bandwidth
+over the bytes one pass must move, TFLOP/s of the GEMM, temp memory and the largest difference from
+XLA relative to its largest entry (`memory_pass.compare`). On a
 CPU the kernels run in the Mosaic GPU simulator at `--n 256 --d 64 --f 256` (a smoke run).
 
     python benchmarks/relu2_mgpu_bench.py [--n 65536] [--json FILE]
@@ -28,8 +29,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.memory_pass import max_rel_err
-from benchmarks.mlp_ce_bench import time_it
+from benchmarks import memory_pass
 from pallas_kernels import relu2_mgpu
 
 # (tile_m, tile_n, tile_k, stages): the default first
@@ -67,46 +67,37 @@ def main() -> None:
     flops = 2 * n * d * f
     tilings = TILINGS if on_gpu else TILINGS[:1]
 
-    def d_pre_sums(tiles):
+    def up_at(tiles):
+        return functools.partial(relu2_mgpu.up_relu2, tiles=tiles, interpret=sim)
+
+    def d_pre_at(tiles):
         def run(dy, w2, post):
             grad, sums = relu2_mgpu.d_pre(dy, w2, post, column_sum=True, tiles=tiles, interpret=sim)
             return grad, sums.sum(axis=0)
 
         return run
 
+    # bytes one pass must move: the GEMM's operands, the epilogue's input, the output
     cases = {
-        "up": (xla_up, (x, w1, b1), lambda t: functools.partial(relu2_mgpu.up_relu2, tiles=t, interpret=sim)),
-        "d_pre": (xla_d_pre, (dy, w2, post), d_pre_sums),
+        "up": (xla_up, (x, w1, b1), 2 * (n * d + d * f + n * f), up_at),
+        "d_pre": (xla_d_pre, (dy, w2, post), 2 * (n * d + d * f + 2 * n * f), d_pre_at),
     }
     print(f"device: {jax.devices()[0].device_kind}, N={n} D={d} F={f}, bf16", flush=True)
     rows = []
-    for case, (ref_fn, inputs, kernel_at) in cases.items():
-        variants = [("xla", ref_fn)] + [
+    for case, (ref_fn, inputs, moved, kernel_at) in cases.items():
+        variants = [(f"{case} xla", ref_fn)] + [
             (
-                f"mosaic m={tm} n={tn} k={tk} stages={st}",
+                f"{case} mosaic m={tm} n={tn} k={tk} st={st}",
                 kernel_at(relu2_mgpu.Tiles(tile_m=tm, tile_n=tn, tile_k=tk, stages=st)),
             )
             for tm, tn, tk, st in tilings
         ]
-        want = None
-        for name, fn in variants:
-            try:
-                compiled = jax.jit(fn).lower(*inputs).compile()
-                out = compiled(*inputs)
-            except Exception as e:  # noqa: BLE001 (a tiling that does not fit SMEM: keep the rest)
-                print(f"{case:6s} {name:36s} failed: {repr(e)[:300]}", flush=True)
-                continue
-            want = out if want is None else want
-            err = max(float(max_rel_err(a, b)) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)))
-            ms, ms_min, _ = time_it(compiled, inputs)
-            temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
-            row = {"case": case, "variant": name, "ms": ms, "ms_min": ms_min, "tflops": flops / ms / 1e9}
-            rows.append(row | {"temp_gib": temp, "max_rel_err_vs_xla": err})
-            print(
-                f"{case:6s} {name:36s} {ms:7.3f} ms (min {ms_min:.3f})  {row['tflops']:6.1f} TFLOP/s  "
-                f"temp {temp:.3f} GiB  err {err:.1e}",
-                flush=True,
+        rows += [
+            {"case": case} | row
+            for row in memory_pass.compare(
+                [(name, jax.jit(fn)) for name, fn in variants], inputs, moved, flops=flops
             )
+        ]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
