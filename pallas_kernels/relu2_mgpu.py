@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mgpu import ring
-from pallas_kernels.shapes import out_struct
+from pallas_kernels.shapes import out_struct, vary_like
 
 _F32 = jnp.float32
 _CONSUMERS = 2
@@ -157,7 +157,7 @@ def _accumulate(ring_smem, *, wg, first, w_rows_are_n, sched):
 
 
 def _launch(kernel, a, w, extra, *, out_shape, sched, interpret, name):
-    return plgpu.kernel(
+    outs = plgpu.kernel(
         kernel,
         out_type=out_shape,
         grid=(sched.programs,),
@@ -168,6 +168,7 @@ def _launch(kernel, a, w, extra, *, out_shape, sched, interpret, name):
         interpret=interpret,
         kernel_name=name,
     )(a, w, *extra)
+    return jax.tree.map(functools.partial(vary_like, a), outs)  # inside shard_map, as `a` varies
 
 
 def _ring_scratch(a, w, tiles, w_rows_are_n):

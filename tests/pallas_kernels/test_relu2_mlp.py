@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.relu2_mlp import BlockSizes, relu2_mlp, relu2_mlp_reference
 from tests.pallas_kernels.checks import fresh_seed
@@ -124,6 +125,26 @@ class _MosaicGemms(_Relu2MlpTest):
 
     GEMMS = "mosaic"
     DTYPES = (jnp.bfloat16,)
+
+    def test_gradients_inside_shard_map(self):
+        """Under `shard_map`, with the weights varying over the data axis as the train step has
+        them, every gradient varies as its primal does, and on one device the summed gradients
+        equal those taken outside."""
+        seed = fresh_seed()
+        x, w1, w2, b1, b2, dy = _inputs(seed, self.LEAD, self.D, self.F, jnp.bfloat16, bias=True)
+        mlp = lambda x, *p: relu2_mlp(x, *p, gemms=self.GEMMS, interpret=self.INTERPRET)
+
+        def grads(x, params, dy):
+            return jax.vjp(mlp, x, *params)[1](dy)
+
+        def per_device(x, params, dy):  # data and weights vary over "dp", as in the train step
+            return jax.lax.psum(grads(*jax.lax.pcast((x, params, dy), ("dp",), to="varying")), "dp")
+
+        mesh = jax.make_mesh((1,), ("dp",))  # the simulator holds one device's barriers at a time
+        inside = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=P()))
+        outside = grads(x, (w1, w2, b1, b2), dy)
+        for name, g, g_ref in zip(GRAD_NAMES, inside(x, (w1, w2, b1, b2), dy), outside):
+            chex.assert_trees_all_close(g, g_ref, atol=0, rtol=0, custom_message=f"{name} (seed {seed})")
 
 
 @pytest.mark.gpu
