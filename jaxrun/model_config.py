@@ -167,8 +167,9 @@ class KernelConfig:
     # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
     attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     # "pallas": the fused linear+ReLU² kernels (Triton); "mosaic": the same, with its two epilogue
-    # GEMMs as Hopper wgmma/TMA kernels (pallas_kernels/relu2_mgpu.py; bf16, a Hopper GPU)
-    mlp: Literal["xla", "pallas", "mosaic"] = "xla"
+    # GEMMs as Hopper wgmma/TMA kernels (pallas_kernels/relu2_mgpu.py; bf16, a Hopper GPU).
+    # "auto": "mosaic" on a Hopper GPU where it applies (`ModelConfig.mosaic_mlp_fits`), XLA elsewhere.
+    mlp: Literal["auto", "xla", "pallas", "mosaic"] = "xla"
     # "xla_fused": head + softcap ('isru', 'tanh') + CE as one custom VJP in XLA, no f32 [N, V];
     # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
     # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
@@ -222,7 +223,7 @@ class ModelConfig:
         check_choice(
             node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas")
         )
-        check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("xla", "pallas", "mosaic"))
+        check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("auto", "xla", "pallas", "mosaic"))
         check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
         check_choice(node + ".kernels", "norm", self.kernels.norm, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("auto", "xla", "pallas"))
@@ -239,13 +240,12 @@ class ModelConfig:
             f"model.head.softcap_value={self.head.softcap_value} must be positive",
         )
         check(
-            self.kernels.mlp == "xla" or self.mlp.activation == "relu2",
+            self.kernels.mlp in ("auto", "xla") or self.mlp.activation == "relu2",
             f"model.kernels.mlp={self.kernels.mlp!r} fuses ReLU², but model.mlp.activation="
             f"{self.mlp.activation!r}",
         )
         check(
-            self.kernels.mlp != "mosaic"
-            or (self.model_dim % 64 == 0 and self.mlp_dim % 128 == 0 and self.compute_dtype == "bfloat16"),
+            self.kernels.mlp != "mosaic" or self._mosaic_mlp_shapes,
             "model.kernels.mlp='mosaic' runs bf16 GEMMs that tile the model width by 64 and the hidden "
             f"width by 128, not compute_dtype={self.compute_dtype!r}, model_dim={self.model_dim} and "
             f"mlp_dim={self.mlp_dim}",
@@ -271,9 +271,9 @@ class ModelConfig:
         for field in ("fp8_up", "fp8_down"):
             check(
                 not getattr(self.mlp, field)
-                or (self.mlp.activation == "relu2" and self.kernels.mlp == "xla"),
+                or (self.mlp.activation == "relu2" and self.kernels.mlp in ("auto", "xla")),
                 f"model.mlp.{field}=True quantizes the ReLU² MLP's XLA path: it needs model.mlp.activation="
-                f"'relu2' and model.kernels.mlp='xla', not {self.mlp.activation!r} and {self.kernels.mlp!r}",
+                f"'relu2' and model.kernels.mlp='xla' or 'auto', not {self.mlp.activation!r} and {self.kernels.mlp!r}",
             )
         caps = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}[self.kernels.loss]
         record_head = self.head.fp8 is not None and self.head.softcap == "sigmoid"  # head_mtp_loss
@@ -291,6 +291,17 @@ class ModelConfig:
         """Whether `kernels.logit_lse/logit_grad='pallas'` apply: the fused XLA head loss without
         FP8 over a vocabulary that is a multiple of 128."""
         return self.kernels.loss == "xla_fused" and self.head.fp8 is None and self.vocab_size % 128 == 0
+
+    @property
+    def mosaic_mlp_fits(self) -> bool:
+        """Whether `kernels.mlp='auto'` takes the Mosaic GEMMs (on Hopper): ReLU² without FP8,
+        bf16, the model width a multiple of 64 and the hidden width of 128."""
+        fp8 = self.mlp.fp8_up or self.mlp.fp8_down
+        return self.mlp.activation == "relu2" and not fp8 and self._mosaic_mlp_shapes
+
+    @property
+    def _mosaic_mlp_shapes(self) -> bool:
+        return self.model_dim % 64 == 0 and self.mlp_dim % 128 == 0 and self.compute_dtype == "bfloat16"
 
     @property
     def fused_qkv_fits(self) -> bool:

@@ -15,6 +15,7 @@ from jaxrun.config import (
     Config,
     DataConfig,
     KernelConfig,
+    MLPConfig,
     ModelConfig,
     RopeConfig,
     TrainConfig,
@@ -184,6 +185,27 @@ def test_auto_qkv_pass_resolves_per_backend_and_fit(monkeypatch):
     interleaved = dataclasses.replace(m, attn=AttentionConfig(rope=RopeConfig(pairing="interleaved")))
     no_qk_norm = dataclasses.replace(m, attn=AttentionConfig(qk_norm=False))
     assert kernels.qkv_impl(interleaved) == kernels.qkv_impl(no_qk_norm) == "xla"
+
+
+def _fake_gpu(monkeypatch, capability):
+    gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
+    monkeypatch.setattr(kernels.jax, "devices", lambda: [gpu])
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+
+
+@pytest.mark.parametrize("capability, want", [("9.0", "mosaic"), ("8.0", "xla"), ("10.0", "xla")])
+def test_auto_mlp_takes_the_mosaic_gemms_on_hopper_only(capability, want, monkeypatch):
+    """`auto` runs the Mosaic wgmma GEMMs on a Hopper GPU for a bf16 ReLU² MLP without FP8 whose
+    widths they tile; XLA on the CPU, on other GPUs, and for the other MLPs."""
+    m = ModelConfig(kernels=KernelConfig(mlp="auto"))
+    assert kernels.mlp_impl(m) == "xla"
+    _fake_gpu(monkeypatch, capability)
+    assert kernels.mlp_impl(m) == want
+    gelu = dataclasses.replace(m, mlp=MLPConfig(activation="gelu"))
+    fp8 = dataclasses.replace(m, mlp=MLPConfig(fp8_up=True))
+    f32 = dataclasses.replace(m, compute_dtype="float32")
+    narrow = dataclasses.replace(m, model_dim=96, head_dim=32)
+    assert {kernels.mlp_impl(c) for c in (gelu, fp8, f32, narrow)} == {"xla"}
 
 
 def test_simple_runs_its_pallas_passes_on_a_gpu_only(monkeypatch):

@@ -118,6 +118,20 @@ def _logit_pass_impl(choice: str, cfg: ModelConfig) -> str:
     return "pallas" if cfg.logit_pass_fits and jax.default_backend() == "gpu" else "xla"
 
 
+def on_hopper() -> bool:
+    """Whether this backend is a Hopper GPU (compute capability 9.x), where Mosaic GPU kernels run."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def mlp_impl(cfg: ModelConfig) -> str:
+    """`kernels.mlp` on this backend: `auto` is the Mosaic GEMMs on a Hopper GPU where they apply
+    (`ModelConfig.mosaic_mlp_fits`), XLA elsewhere."""
+    if cfg.kernels.mlp != "auto":
+        return cfg.kernels.mlp
+    return "mosaic" if cfg.mosaic_mlp_fits and on_hopper() else "xla"
+
+
 def qkv_impl(cfg: ModelConfig) -> str:
     """`kernels.qkv` on this backend: `auto` is the Pallas backward on a GPU where it applies
     (`ModelConfig.fused_qkv_fits`), XLA elsewhere."""
@@ -132,7 +146,7 @@ def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
     attention = _auto_attention(documents) if k.attention == "auto" else k.attention
     return {
         "attention": attention,
-        "mlp": k.mlp,
+        "mlp": mlp_impl(cfg),
         "loss": k.loss,
         "norm": norm_impl(cfg),
         "logit_lse": logit_lse_impl(cfg),
@@ -171,7 +185,7 @@ _RELU2_MLP = {"xla": _relu2_mlp_xla, "pallas": _relu2_mlp_pallas, "mosaic": _rel
 
 def relu2_mlp(cfg: ModelConfig) -> Callable[..., jax.Array]:
     """`fn(h [N, D], w_up, w_down, b_up, b_down) -> [N, D]`: relu(h W_up + b)² W_down + b."""
-    return _RELU2_MLP[cfg.kernels.mlp]
+    return _RELU2_MLP[mlp_impl(cfg)]
 
 
 def _rms_norm_bwd_pallas(x_ND, g_ND, r_ND, rstd_N, gain_D, *, column_sum):
