@@ -6,6 +6,9 @@ At `simple`'s micro-batch (N = 65,536 tokens, D = 768, F = 3,072, bf16, biases):
   `relu2_mgpu.up_relu2` applies them in the GEMM's epilogue.
 - d_pre: `2·sqrt(post)·(dy @ w2ᵀ)` and the bias gradient's column sums. XLA writes `dy @ w2ᵀ`
   and a fusion reads it back with `post`; `relu2_mgpu.d_pre` reads `post` in its epilogue.
+  `d_pre_no_sums` is the same without the column sums (a MLP without biases, record77's), so the
+  two rows price the sums.
+- gemm: `x @ w1` alone, cuBLAS: the floor both epilogue kernels aim at.
 
 Each kernel runs at several tilings. Prints ms per call (median of 15 batches of 5), the bandwidth
 over the bytes one pass must move, TFLOP/s of the GEMM, temp memory and the largest difference from
@@ -47,6 +50,15 @@ def xla_d_pre(dy, w2, post):
     return grad.astype(post.dtype), jnp.sum(grad, axis=0)
 
 
+def xla_d_pre_no_sums(dy, w2, post):
+    return xla_d_pre(dy, w2, post)[0]
+
+
+def xla_gemm(x, w1):
+    """The up-projection's GEMM alone (cuBLAS), bf16 out: the floor the epilogue kernels aim at."""
+    return jnp.dot(x, w1, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=65536, help="tokens per micro-batch")
@@ -70,17 +82,25 @@ def main() -> None:
     def up_at(tiles):
         return functools.partial(relu2_mgpu.up_relu2, tiles=tiles, interpret=sim)
 
-    def d_pre_at(tiles):
+    def d_pre_at(tiles, column_sum=True):
         def run(dy, w2, post):
-            grad, sums = relu2_mgpu.d_pre(dy, w2, post, column_sum=True, tiles=tiles, interpret=sim)
-            return grad, sums.sum(axis=0)
+            grad, sums = relu2_mgpu.d_pre(dy, w2, post, column_sum=column_sum, tiles=tiles, interpret=sim)
+            return (grad, sums.sum(axis=0)) if column_sum else grad
 
         return run
 
     # bytes one pass must move: the GEMM's operands, the epilogue's input, the output
+    # (the GEMM alone has no kernel variant: it is the floor)
     cases = {
+        "gemm": (xla_gemm, (x, w1), 2 * (n * d + d * f + n * f), None),
         "up": (xla_up, (x, w1, b1), 2 * (n * d + d * f + n * f), up_at),
         "d_pre": (xla_d_pre, (dy, w2, post), 2 * (n * d + d * f + 2 * n * f), d_pre_at),
+        "d_pre_no_sums": (
+            xla_d_pre_no_sums,
+            (dy, w2, post),
+            2 * (n * d + d * f + 2 * n * f),
+            functools.partial(d_pre_at, column_sum=False),
+        ),
     }
     print(f"device: {jax.devices()[0].device_kind}, N={n} D={d} F={f}, bf16", flush=True)
     rows = []
@@ -90,7 +110,7 @@ def main() -> None:
                 f"{case} mosaic m={tm} n={tn} k={tk} st={st}",
                 kernel_at(relu2_mgpu.Tiles(tile_m=tm, tile_n=tn, tile_k=tk, stages=st)),
             )
-            for tm, tn, tk, st in tilings
+            for tm, tn, tk, st in (tilings if kernel_at else ())
         ]
         rows += [
             {"case": case} | row
