@@ -10,6 +10,7 @@ speedrun's rule), then trains, evaluating and logging in the speedrun's format.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrun import adam_hold, checkpoint, loop_control, model, optim, record_optim, schedule, sharding
 from jaxrun import data as data_lib
 from jaxrun.config import Config, ConfigError
+from jaxrun.model import kernels as model_kernels
 from jaxrun.model import mlp_fp8
 from jaxrun.runlog import RunLog
 from jaxrun.step_clock import StepClock
@@ -194,18 +196,23 @@ def make_train_step(
 
 
 def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    """Pallas kernels train on GPUs only: off a GPU they need the interpreter, which shard_map breaks."""
-    fields = [
-        f"model.kernels.{f}"
-        for f in ("attention", "mlp", "loss", "norm", "logit_lse", "logit_grad", "qkv")
-        if getattr(cfg.model.kernels, f) == "pallas"
-    ] + (["optim.muon_ns_impl"] if cfg.optim.muon_ns_impl == "pallas" else [])
-    platform = mesh.devices.flat[0].platform
-    if fields and platform != "gpu":
+    """Pallas and Mosaic kernels train on GPUs only, the Mosaic ones on Hopper: elsewhere they need
+    the interpreter or the Mosaic GPU simulator, which shard_map breaks."""
+    k = cfg.model.kernels
+    chosen = {f"model.kernels.{f.name}": getattr(k, f.name) for f in dataclasses.fields(k)}
+    chosen["optim.muon_ns_impl"] = cfg.optim.muon_ns_impl
+    fields = [f"{name}={impl!r}" for name, impl in chosen.items() if impl in ("pallas", "mosaic")]
+    device = mesh.devices.flat[0]
+    if fields and device.platform != "gpu":
         raise ConfigError(
-            f"{', '.join(fields)}='pallas' needs GPUs to train, but the mesh is on {platform}: the Pallas "
-            "interpreter that runs the kernels elsewhere does not work inside shard_map. Use 'xla' here "
-            "(model.loss still runs the kernels interpreted, for checks)."
+            f"{', '.join(fields)} train on GPUs only, but the mesh is on {device.platform}: the Pallas "
+            "interpreter and the Mosaic GPU simulator that run the kernels elsewhere do not work inside "
+            "shard_map. Use 'xla' or 'auto' here (model.loss still runs the kernels interpreted, for checks)."
+        )
+    if k.mlp == "mosaic" and not model_kernels.on_hopper(device):
+        raise ConfigError(
+            f"model.kernels.mlp='mosaic' runs Hopper (sm_90) kernels, but the mesh's GPUs are "
+            f"{device.device_kind}: use 'auto' (XLA there) or 'pallas'"
         )
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import types
 from pathlib import Path
 
 import chex
@@ -216,16 +217,36 @@ def test_documents_mode_refuses_cudnn(tiny_cfg):
 def test_pallas_kernels_refused_off_gpu(tiny_cfg):
     cfg = apply_overrides(tiny_cfg, ["model.kernels.attention=pallas", "model.kernels.loss=pallas"])
     mesh = sharding.make_mesh(cfg.mesh)
-    with pytest.raises(ConfigError, match="model.kernels.attention, model.kernels.loss='pallas' needs GPUs"):
+    with pytest.raises(
+        ConfigError, match="model.kernels.attention='pallas', model.kernels.loss='pallas' train on GPUs only"
+    ):
         train.make_train_step(cfg, mesh)
 
 
+def test_mosaic_mlp_refused_off_hopper(tiny_cfg):
+    """Off a GPU the Mosaic simulator cannot run in shard_map; on a GPU before Hopper, sm_90
+    kernels cannot compile. Both stop before tracing, and `auto` trains on either."""
+    shape = ["model.model_dim=256", "model.head_dim=128", "model.compute_dtype=bfloat16"]
+    cfg = apply_overrides(tiny_cfg, [*shape, "model.kernels.mlp=mosaic"])
+    with pytest.raises(
+        ConfigError, match="model.kernels.mlp='mosaic' train on GPUs only, but the mesh is on cpu"
+    ):
+        train.make_train_step(cfg, sharding.make_mesh(cfg.mesh))
+    ampere = types.SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100")
+    mesh = types.SimpleNamespace(devices=np.array([ampere]))
+    with pytest.raises(ConfigError, match="runs Hopper .sm_90. kernels, but the mesh's GPUs are NVIDIA A100"):
+        train._check_kernels_can_train(cfg, mesh)
+    train._check_kernels_can_train(apply_overrides(cfg, ["model.kernels.mlp=auto"]), mesh)
+
+
 @pytest.mark.gpu
-def test_pallas_kernels_in_the_sharded_step(tiny_cfg):
-    """All three kernels inside the shard_map step follow the XLA path (bf16, 128-wide heads: Mosaic fwd)."""
+@pytest.mark.parametrize("mlp", ["pallas", "mosaic"])
+def test_pallas_kernels_in_the_sharded_step(tiny_cfg, mlp):
+    """All three kernels inside the shard_map step follow the XLA path (bf16, 128-wide heads: Mosaic
+    fwd), with the MLP's GEMMs in Triton or in Mosaic GPU."""
     shape = ["model.model_dim=256", "model.head_dim=128", "model.max_seq_len=128", "data.seq_len=128"]
     cfg = apply_overrides(tiny_cfg, [*shape, "model.compute_dtype=bfloat16", "optim.muon_ns_dtype=float32"])
-    kernels = ["model.kernels.attention=pallas", "model.kernels.mlp=pallas", "model.kernels.loss=pallas"]
+    kernels = ["model.kernels.attention=pallas", f"model.kernels.mlp={mlp}", "model.kernels.loss=pallas"]
     batches = [_batch(s, cfg) for s in range(3)]
     _, losses_xla = _steps(cfg, batches)
     _, losses_pallas = _steps(apply_overrides(cfg, kernels), batches)

@@ -118,9 +118,10 @@ def _logit_pass_impl(choice: str, cfg: ModelConfig) -> str:
     return "pallas" if cfg.logit_pass_fits and jax.default_backend() == "gpu" else "xla"
 
 
-def on_hopper() -> bool:
-    """Whether this backend is a Hopper GPU (compute capability 9.x), where Mosaic GPU kernels run."""
-    device = jax.devices()[0]
+def on_hopper(device: jax.Device | None = None) -> bool:
+    """Whether `device` (this backend's first) is a Hopper GPU (compute capability 9.x), where the
+    Mosaic GPU kernels run."""
+    device = jax.devices()[0] if device is None else device
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
