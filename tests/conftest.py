@@ -1,4 +1,4 @@
-"""Test setup: eight host devices for sharding tests, strict rank promotion."""
+"""Test setup: eight host devices for sharding tests, strict rank promotion, inline CPU dispatch."""
 
 import os
 
@@ -10,6 +10,11 @@ import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The Mosaic GPU simulator's callbacks dispatch JAX ops of their own from worker threads. With async
+# dispatch, an op the test enqueues behind a simulated kernel can take the CPU client's last worker
+# while it waits on that kernel, and the kernel's callbacks then wait forever (seen on 2-core CI
+# machines). Inline, a computation has finished before the test's next op is dispatched.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def pytest_collection_modifyitems(config, items):
