@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.shapes import out_struct
+from pallas_kernels.shapes import out_struct, vary_like
 
 _LOG2E = math.log2(math.e)
 # Finite, so a row with no visible key in a block gives exp2(0) there; the rescale at its first
@@ -316,7 +316,7 @@ def forward(
         )
 
     out_type = (out_struct(q, q.shape, dtype), out_struct(q, (b, h, t), jnp.float32))
-    return plgpu.kernel(
+    outs = plgpu.kernel(
         entry,
         out_type=out_type,
         grid=(h, num_tiles, b),
@@ -327,3 +327,4 @@ def forward(
         interpret=interpret,
         kernel_name="flash_attention_fwd_mgpu",
     )(q, k, v, ranges, first_key_BT)
+    return tuple(vary_like(q, out) for out in outs)  # inside shard_map, as q varies

@@ -49,7 +49,7 @@ from pallas_kernels.attention_mgpu import (
     ring,
     visible_bounds,
 )
-from pallas_kernels.shapes import out_struct
+from pallas_kernels.shapes import out_struct, vary_like
 
 _LOG2E = math.log2(math.e)
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
@@ -129,7 +129,7 @@ def _launch(body, out_type, scratch, grid, name, interpret, *args):
     def entry(*refs):
         pl.run_scoped(lambda *s: body(*refs, *s), *scratch, collective_axes="wg")
 
-    return plgpu.kernel(
+    outs = plgpu.kernel(
         entry,
         out_type=out_type,
         grid=grid,
@@ -140,6 +140,7 @@ def _launch(body, out_type, scratch, grid, name, interpret, *args):
         interpret=interpret,
         kernel_name=name,
     )(*args)
+    return jax.tree.map(functools.partial(vary_like, args[0]), outs)  # inside shard_map, as q varies
 
 
 def _dkdv(q, k, v, do, lse, delta, last_query_BT, *, scale, block_q, block_k, stages, interpret):
