@@ -48,6 +48,8 @@ _NAME_RULES = (
         ),
     ),
     ("attention", re.compile(r"fmha|flash|sdpa|attention|cudnn", re.IGNORECASE)),
+    # a Mosaic GPU kernel's events carry "<its name>_mosaic_gpu_kernel", not its HLO instruction's
+    ("pallas", re.compile(r"mosaic_gpu_kernel", re.IGNORECASE)),
     ("matmul", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|matmul|\bdot\b|wgmma|sm90_", re.IGNORECASE)),
     ("copies", re.compile(r"memcpy|memset|copy|transpose", re.IGNORECASE)),
     ("reductions", re.compile(r"reduce", re.IGNORECASE)),

@@ -36,6 +36,8 @@ def test_hlo_categories_name_matmul_and_reductions():
         ("MemcpyDtoD", "copies"),
         ("input_reduce_fusion_7", "reductions"),
         ("loop_multiply_fusion_3", "elementwise"),
+        ("relu2_dpre_mgpu_mosaic_gpu_kernel", "pallas"),
+        ("attention_mgpu_fwd_mosaic_gpu_kernel", "attention"),
         ("some_unknown_kernel", "other"),
     ],
 )
