@@ -18,11 +18,12 @@ def get_config() -> Config:
         # The ModelConfig defaults are this recipe's; the head and loss run as one custom VJP
         # (bf16 logits, no float32 [N, V] round trips): the same function, faster. On a GPU the
         # norms' backward, the head's two logit passes and the q/k/v projections' backward run as
-        # Pallas kernels, XLA elsewhere.
+        # Pallas kernels, and on Hopper the MLP's two epilogue GEMMs as Mosaic GPU kernels; XLA
+        # elsewhere.
         model=ModelConfig(
             scan_layers=False,
             kernels=KernelConfig(
-                loss="xla_fused", norm="auto", logit_lse="auto", logit_grad="auto", qkv="auto"
+                mlp="auto", loss="xla_fused", norm="auto", logit_lse="auto", logit_grad="auto", qkv="auto"
             ),
         ),
         optim=OptimConfig(kind="muon_adam", muon_ns="simple", cooldown_frac=0.7, loss_reduction="sum"),
