@@ -303,7 +303,7 @@ class Config:
         self._check_stages()
         check(
             self.data.mode == "contiguous" or self.model.kernels.attention != "cudnn",
-            "data.mode='documents' needs a document mask: model.kernels.attention 'xla' or 'pallas', not 'cudnn'",
+            "data.mode='documents' needs a document mask: model.kernels.attention 'xla', 'pallas' or 'mosaic', not 'cudnn'",
         )
         if self.model.embed.learned_positions:
             check(

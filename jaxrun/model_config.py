@@ -165,7 +165,10 @@ class KernelConfig:
     """Which implementation runs each kernel (jaxrun/model/kernels.py); the model never branches on it."""
 
     # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
-    attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
+    # "pallas" runs the Mosaic GPU forward on Hopper where there are no documents, Triton for the
+    # rest; "mosaic" runs every pass as a Mosaic GPU kernel, the forward with documents and the
+    # backward too (pallas_kernels/attention_mgpu*.py; bf16, heads a multiple of 64, a Hopper GPU).
+    attention: Literal["auto", "xla", "cudnn", "pallas", "mosaic"] = "auto"
     # "pallas": the fused linear+ReLU² kernels (Triton); "mosaic": the same, with its two epilogue
     # GEMMs as Hopper wgmma/TMA kernels (pallas_kernels/relu2_mgpu.py; bf16, a Hopper GPU).
     # "auto": "mosaic" on a Hopper GPU where it applies (`ModelConfig.mosaic_mlp_fits`), XLA elsewhere.
@@ -221,7 +224,10 @@ class ModelConfig:
         check_choice(node + ".head", "tie", self.head.tie, ("never", "always", "until_split"))
         check_choice(node + ".head", "softcap", self.head.softcap, ("none", "tanh", "isru", "sigmoid"))
         check_choice(
-            node + ".kernels", "attention", self.kernels.attention, ("auto", "xla", "cudnn", "pallas")
+            node + ".kernels",
+            "attention",
+            self.kernels.attention,
+            ("auto", "xla", "cudnn", "pallas", "mosaic"),
         )
         check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("auto", "xla", "pallas", "mosaic"))
         check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
@@ -249,6 +255,12 @@ class ModelConfig:
             "model.kernels.mlp='mosaic' runs bf16 GEMMs that tile the model width by 64 and the hidden "
             f"width by 128, not compute_dtype={self.compute_dtype!r}, model_dim={self.model_dim} and "
             f"mlp_dim={self.mlp_dim}",
+        )
+        check(
+            self.kernels.attention != "mosaic"
+            or (self.compute_dtype == "bfloat16" and self.head_dim % 64 == 0),
+            "model.kernels.attention='mosaic' runs bf16 wgmma over heads a multiple of 64 wide, not "
+            f"compute_dtype={self.compute_dtype!r} with head_dim={self.head_dim}",
         )
         check(
             self.kernels.norm != "pallas" or (self.norm == "rmsnorm" and self.model_dim % 16 == 0),

@@ -209,10 +209,13 @@ def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             "interpreter and the Mosaic GPU simulator that run the kernels elsewhere do not work inside "
             "shard_map. Use 'xla' or 'auto' here (model.loss still runs the kernels interpreted, for checks)."
         )
-    if k.mlp == "mosaic" and not model_kernels.on_hopper(device):
+    hopper_only = ", ".join(
+        f"model.kernels.{n}='mosaic'" for n in ("mlp", "attention") if getattr(k, n) == "mosaic"
+    )
+    if hopper_only and not model_kernels.on_hopper(device):
         raise ConfigError(
-            f"model.kernels.mlp='mosaic' runs Hopper (sm_90) kernels, but the mesh's GPUs are "
-            f"{device.device_kind}: use 'auto' (XLA there) or 'pallas'"
+            f"{hopper_only} runs Hopper (sm_90) kernels, but the mesh's GPUs are {device.device_kind}: "
+            "use 'auto' or 'pallas'"
         )
 
 

@@ -147,6 +147,40 @@ def test_pallas_impls_match_xla():
     chex.assert_trees_all_close(grads_pallas, grads_xla, rtol=2e-2, atol=2e-4)
 
 
+def test_mosaic_attention_runs_every_pass_in_mosaic(monkeypatch):
+    """`kernels.attention='mosaic'` takes the Mosaic forward with documents and the Mosaic backward
+    (the Mosaic GPU simulator on CPU), where 'pallas' would take Triton for both, and gives the
+    plain-jnp attention's output and gradients in bf16."""
+    from jaxrun.model import kernels
+    from pallas_kernels import attention_mgpu, attention_mgpu_bwd
+
+    calls = []
+    for module, name in ((attention_mgpu, "forward"), (attention_mgpu_bwd, "backward")):
+        original = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
+        )
+    cfg = ModelConfig(
+        **TINY | {"head_dim": 64}, compute_dtype="bfloat16", kernels=KernelConfig(attention="mosaic")
+    )
+    rng = np.random.default_rng(16)
+    q, k, v, dy = (jnp.asarray(rng.standard_normal((1, 256, 1, 64)), jnp.bfloat16) for _ in range(4))
+    seg = jnp.asarray(np.repeat([0, 1, 2], [37, 100, 119])[None], jnp.int32)
+
+    def attend(fn):
+        return lambda q, k, v: fn(q, k, v, scale=0.12, segment_ids_BT=seg, window=96)
+
+    y, vjp = jax.vjp(attend(kernels.attention(cfg)), q, k, v)
+    grads = vjp(dy)
+    assert set(calls) == {"forward", "backward"}
+    y_ref, vjp_ref = jax.vjp(attend(kernels.attention_xla), *(x.astype(jnp.float32) for x in (q, k, v)))
+    for name, got, ref in zip(
+        ("y", "dq", "dk", "dv"), (y, *grads), (y_ref, *vjp_ref(dy.astype(jnp.float32)))
+    ):
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))) / float(jnp.max(jnp.abs(ref)))
+        assert err < 2e-2, f"{name}: {err:.2e} of its largest entry"
+
+
 def test_mosaic_mlp_matches_xla():
     """The MLP with its epilogue GEMMs as Hopper kernels (in the Mosaic GPU simulator on CPU) gives
     the XLA path's loss and gradients in bf16: the same function, rounded in other places (the
@@ -276,6 +310,8 @@ def test_kernel_switches_are_validated():
         ModelConfig(kernels=KernelConfig(mlp="mosaic"), model_dim=96, head_dim=32)
     with pytest.raises(ConfigError, match="kernels.mlp='mosaic' runs bf16 GEMMs.*compute_dtype='float32'"):
         ModelConfig(kernels=KernelConfig(mlp="mosaic"), compute_dtype="float32")
+    with pytest.raises(ConfigError, match="kernels.attention='mosaic' runs bf16 wgmma.*head_dim=32"):
+        ModelConfig(kernels=KernelConfig(attention="mosaic"), model_dim=96, head_dim=32)
     with pytest.raises(ConfigError, match="kernels.loss='pallas' supports softcap 'isru'"):
         ModelConfig(kernels=KernelConfig(loss="pallas"), head=HeadConfig(softcap="tanh"))
     with pytest.raises(ConfigError, match="kernels.logit_grad='pallas' is a pass of the fused head loss"):

@@ -223,30 +223,34 @@ def test_pallas_kernels_refused_off_gpu(tiny_cfg):
         train.make_train_step(cfg, mesh)
 
 
-def test_mosaic_mlp_refused_off_hopper(tiny_cfg):
+@pytest.mark.parametrize("kernel", ["mlp", "attention"])
+def test_mosaic_kernels_refused_off_hopper(tiny_cfg, kernel):
     """Off a GPU the Mosaic simulator cannot run in shard_map; on a GPU before Hopper, sm_90
     kernels cannot compile. Both stop before tracing, and `auto` trains on either."""
     shape = ["model.model_dim=256", "model.head_dim=128", "model.compute_dtype=bfloat16"]
-    cfg = apply_overrides(tiny_cfg, [*shape, "model.kernels.mlp=mosaic"])
+    cfg = apply_overrides(tiny_cfg, [*shape, f"model.kernels.{kernel}=mosaic"])
     with pytest.raises(
-        ConfigError, match="model.kernels.mlp='mosaic' train on GPUs only, but the mesh is on cpu"
+        ConfigError, match=f"model.kernels.{kernel}='mosaic' train on GPUs only, but the mesh is on cpu"
     ):
         train.make_train_step(cfg, sharding.make_mesh(cfg.mesh))
     ampere = types.SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100")
     mesh = types.SimpleNamespace(devices=np.array([ampere]))
-    with pytest.raises(ConfigError, match="runs Hopper .sm_90. kernels, but the mesh's GPUs are NVIDIA A100"):
+    with pytest.raises(
+        ConfigError,
+        match=f"kernels.{kernel}='mosaic' runs Hopper .sm_90. kernels, but the mesh's GPUs are NVIDIA A100",
+    ):
         train._check_kernels_can_train(cfg, mesh)
-    train._check_kernels_can_train(apply_overrides(cfg, ["model.kernels.mlp=auto"]), mesh)
+    train._check_kernels_can_train(apply_overrides(cfg, [f"model.kernels.{kernel}=auto"]), mesh)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mlp", ["pallas", "mosaic"])
-def test_pallas_kernels_in_the_sharded_step(tiny_cfg, mlp):
-    """All three kernels inside the shard_map step follow the XLA path (bf16, 128-wide heads: Mosaic
-    fwd), with the MLP's GEMMs in Triton or in Mosaic GPU."""
+@pytest.mark.parametrize("impl", ["pallas", "mosaic"])
+def test_pallas_kernels_in_the_sharded_step(tiny_cfg, impl):
+    """All three kernels inside the shard_map step follow the XLA path (bf16, 128-wide heads), with
+    attention and the MLP's GEMMs in Triton (attention's forward in Mosaic) or all in Mosaic GPU."""
     shape = ["model.model_dim=256", "model.head_dim=128", "model.max_seq_len=128", "data.seq_len=128"]
     cfg = apply_overrides(tiny_cfg, [*shape, "model.compute_dtype=bfloat16", "optim.muon_ns_dtype=float32"])
-    kernels = ["model.kernels.attention=pallas", f"model.kernels.mlp={mlp}", "model.kernels.loss=pallas"]
+    kernels = [f"model.kernels.attention={impl}", f"model.kernels.mlp={impl}", "model.kernels.loss=pallas"]
     batches = [_batch(s, cfg) for s in range(3)]
     _, losses_xla = _steps(cfg, batches)
     _, losses_pallas = _steps(apply_overrides(cfg, kernels), batches)

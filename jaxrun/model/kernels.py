@@ -8,6 +8,7 @@ and in the interpreter elsewhere (CPU tests).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -44,7 +45,9 @@ def attention_xla(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=
 
 def _attention_cudnn(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
     if segment_ids_BT is not None:
-        raise ValueError("model.kernels.attention='cudnn' has no document mask; use 'xla' or 'pallas'")
+        raise ValueError(
+            "model.kernels.attention='cudnn' has no document mask; use 'xla', 'pallas' or 'mosaic'"
+        )
     return jax.nn.dot_product_attention(
         q_BTHK,
         k_BTHK,
@@ -70,6 +73,23 @@ def _attention_pallas(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, win
     )
 
 
+def _attention_mosaic(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
+    """The Pallas kernel with every pass in Mosaic GPU: the forward with documents and the backward."""
+    from pallas_kernels.attention import BlockSizes, flash_attention
+
+    every_pass = dataclasses.replace(BlockSizes.get_default(), mosaic_documents=True, mosaic_backward=True)
+    return flash_attention(
+        q_BTHK,
+        k_BTHK,
+        v_BTHK,
+        segment_ids=segment_ids_BT,
+        window=window,
+        scale=scale,
+        block_sizes=every_pass,
+        interpret=interpret(),
+    )
+
+
 def _auto_attention(documents: bool) -> str:
     """`auto`: cuDNN on a GPU, or the Pallas kernel where documents are masked; XLA elsewhere."""
     if jax.default_backend() != "gpu":
@@ -88,6 +108,7 @@ _ATTENTION = {
     "xla": attention_xla,
     "cudnn": _attention_cudnn,
     "pallas": _attention_pallas,
+    "mosaic": _attention_mosaic,
 }
 
 
