@@ -141,7 +141,6 @@ SWEEP = {
         ]
     ],
 }
-SWEEP_CASES = (0, 2)  # cases 1 and 3
 
 
 @functools.lru_cache(maxsize=1)
@@ -394,8 +393,9 @@ def breakdown(case: Case, seg_np, block_sizes: BlockSizes, samples: int, inner: 
 BREAKDOWN_PARTS = ("fwd_mgpu", "dq_mgpu", "dkdv_mgpu", "fwd", "dq", "dkdv")
 
 
-def sweep(parts, samples: int, inner: int) -> tuple[BlockSizes, list[dict]]:
-    """For each kernel, the candidate with the least time summed over cases 1 and 3."""
+def sweep(parts, cases, segs, samples: int, inner: int) -> tuple[BlockSizes, list[dict]]:
+    """For each kernel, the candidate with the least time summed over `cases` (their segment ids
+    `segs`, None where a case has no documents)."""
     best, results = BlockSizes.get_default(), []
     for part in parts:
         scored, cands = [], SWEEP[part]
@@ -403,8 +403,8 @@ def sweep(parts, samples: int, inner: int) -> tuple[BlockSizes, list[dict]]:
             bs = dataclasses.replace(best, **cand)
             try:
                 ms = [
-                    time_fn(*kernel_parts(CASES[c], None, bs, (part,))[part][:2], samples, inner)
-                    for c in SWEEP_CASES
+                    time_fn(*kernel_parts(case, seg, bs, (part,))[part][:2], samples, inner)
+                    for case, seg in zip(cases, segs, strict=True)
                 ]
             except Exception as e:  # noqa: BLE001  (report and go on to the next candidate)
                 print(f"sweep {part} {cand}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -431,7 +431,8 @@ def main() -> None:
     parser.add_argument("--impls", default="pallas,cudnn,xla")
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--inner", type=int, default=5)
-    parser.add_argument("--sweep", action="store_true", help="pick tiles on cases 1 and 3 first")
+    parser.add_argument("--sweep", action="store_true", help="pick tiles on --sweep-cases first")
+    parser.add_argument("--sweep-cases", default="1,3", help="the cases --sweep times, as --cases takes them")
     parser.add_argument("--sweep-parts", default="fwd,dkdv,dq", help="kernels to sweep")
     parser.add_argument("--breakdown", action="store_true", help="time the Pallas kernels one by one")
     parser.add_argument("--json", type=Path, default=None)
@@ -441,7 +442,9 @@ def main() -> None:
     cases = select_cases(args.cases)
     block_sizes, sweep_rows = BlockSizes.get_default(), []
     if args.sweep:
-        block_sizes, sweep_rows = sweep(args.sweep_parts.split(","), args.samples // 2, args.inner)
+        on = select_cases(args.sweep_cases)
+        segs = [case_segment_ids(args.data, c) if c.docs else None for c in on]
+        block_sizes, sweep_rows = sweep(args.sweep_parts.split(","), on, segs, args.samples // 2, args.inner)
     rows, parts = [], []
     for case in cases:
         seg_np = case_segment_ids(args.data, case) if case.docs else None
