@@ -59,25 +59,16 @@ def _attention_cudnn(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, wind
     )
 
 
-def _attention_pallas(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
-    from pallas_kernels.attention import flash_attention
-
-    return flash_attention(
-        q_BTHK,
-        k_BTHK,
-        v_BTHK,
-        segment_ids=segment_ids_BT,
-        window=window,
-        scale=scale,
-        interpret=interpret(),
-    )
-
-
-def _attention_mosaic(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
-    """The Pallas kernel with every pass in Mosaic GPU: the forward with documents and the backward."""
+def _attention_pallas(
+    q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None, every_pass_mosaic=False
+) -> jax.Array:
+    """The Pallas kernel; with `every_pass_mosaic` ("mosaic") every pass is a Mosaic GPU kernel,
+    the forward with documents and the backward too."""
     from pallas_kernels.attention import BlockSizes, flash_attention
 
-    every_pass = dataclasses.replace(BlockSizes.get_default(), mosaic_documents=True, mosaic_backward=True)
+    tiles = BlockSizes.get_default()
+    if every_pass_mosaic:
+        tiles = dataclasses.replace(tiles, mosaic_documents=True, mosaic_backward=True)
     return flash_attention(
         q_BTHK,
         k_BTHK,
@@ -85,7 +76,7 @@ def _attention_mosaic(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, win
         segment_ids=segment_ids_BT,
         window=window,
         scale=scale,
-        block_sizes=every_pass,
+        block_sizes=tiles,
         interpret=interpret(),
     )
 
@@ -108,7 +99,7 @@ _ATTENTION = {
     "xla": attention_xla,
     "cudnn": _attention_cudnn,
     "pallas": _attention_pallas,
-    "mosaic": _attention_mosaic,
+    "mosaic": functools.partial(_attention_pallas, every_pass_mosaic=True),
 }
 
 
