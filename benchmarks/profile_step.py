@@ -13,10 +13,11 @@ the kernels are the events of the device's stream lines; on the CPU they are
 the XLA ops that the CPU client's threads execute, so CI can test it.
 
 Usage:
-  python launch.py profile --config simple --steps 3 [--set ...] [--out DIR]
+  python launch.py profile --config simple --steps 3 [--set ...] [--out DIR] [--against OLD.json]
   python benchmarks/profile_step.py --config simple --steps 3
 Writes profile_step.json (ms per step per category, and the top ops) and
-profile_step.png (a bar chart) to --out.
+profile_step.png (a bar chart) to --out. `--against` takes an earlier run's
+profile_step.json and prints and plots each category before and now.
 """
 
 from __future__ import annotations
@@ -208,12 +209,36 @@ def breakdown(trace: dict, hlo: str, steps: int) -> dict:
     }
 
 
-def plot(result: dict, path: Path, title: str) -> None:
+def plot(result: dict, path: Path, title: str, before: dict | None = None) -> None:
+    """A bar per category; with `before` (an earlier result), its bar beside each."""
+    import numpy as np
+
     from jaxrun.runlog import loss_axes
 
     fig, ax = loss_axes((7, 3.5))
-    cats = list(result["ms_per_step"])
-    ax.barh(cats[::-1], [result["ms_per_step"][c] for c in cats[::-1]], color="tab:blue")
+    cats = list(result["ms_per_step"])[::-1]
+    rows, height = np.arange(len(cats)), 0.4 if before else 0.8
+    now = [result["ms_per_step"][c] for c in cats]
+    if before:
+        then = [before["ms_per_step"].get(c, 0.0) for c in cats]
+        ax.barh(
+            rows + height / 2,
+            then,
+            height,
+            color="tab:gray",
+            label=f"before: {before['total_ms_per_step']:.1f} ms",
+        )
+        ax.barh(
+            rows - height / 2,
+            now,
+            height,
+            color="tab:blue",
+            label=f"now: {result['total_ms_per_step']:.1f} ms",
+        )
+        ax.legend(loc="lower right")
+    else:
+        ax.barh(rows, now, height, color="tab:blue")
+    ax.set_yticks(rows, cats)
     ax.set_xlabel("kernel time per step (ms)")
     ax.set_ylabel("")
     ax.set_title(title)
@@ -264,6 +289,22 @@ def profile(cfg, steps: int, out: Path, at_step: int = 0) -> dict:
     return result
 
 
+def table(result: dict, before: dict | None = None) -> list[str]:
+    """Markdown-style rows: ms/step and share per category, with `before`'s ms and the change."""
+    total = result["total_ms_per_step"]
+    share = lambda ms: f"{ms / total:.1%}" if total else "-"
+    if before is None:
+        rows = ["category | ms/step | share"]
+        rows += [f"{cat} | {ms:.2f} | {share(ms)}" for cat, ms in result["ms_per_step"].items()]
+        return [*rows, f"total | {total:.2f} |"]
+    rows = [f"category | before ({before.get('device', '?')}) | now | change | share now"]
+    for cat, ms in result["ms_per_step"].items():
+        then = before["ms_per_step"].get(cat, 0.0)
+        rows.append(f"{cat} | {then:.2f} | {ms:.2f} | {ms - then:+.2f} | {share(ms)}")
+    then = before["total_ms_per_step"]
+    return [*rows, f"total | {then:.2f} | {total:.2f} | {total - then:+.2f} |"]
+
+
 def main(argv: list[str] | None = None, load_config: Callable | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="simple")
@@ -273,7 +314,11 @@ def main(argv: list[str] | None = None, load_config: Callable | None = None) -> 
         "--at-step", type=int, default=0, help="profile the step the schedule runs here (mode, batch shape)"
     )
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp(prefix="profile_step-"))
+    p.add_argument("--against", type=Path, help="an earlier profile_step.json, shown beside this one")
     a = p.parse_args(argv)
+    if a.against and not a.against.is_file():
+        p.error(f"--against {a.against}: no such file (give an earlier run's profile_step.json)")
+    before = json.loads(a.against.read_text()) if a.against else None
     if load_config is None:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         from launch import load_config
@@ -284,16 +329,12 @@ def main(argv: list[str] | None = None, load_config: Callable | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     result = profile(cfg, a.steps, out, a.at_step)
     (out / "profile_step.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "profile_step.png", f"{cfg.name} on {result['device']}: kernel time per step")
-    total = result["total_ms_per_step"]
+    plot(result, out / "profile_step.png", f"{cfg.name} on {result['device']}: kernel time per step", before)
     print(
         f"{cfg.name} on {result['device']} ({result['source']}), {a.steps} steps traced, "
         f"as at step {a.at_step}"
     )
-    print("category | ms/step | share")
-    for cat, ms in result["ms_per_step"].items():
-        print(f"{cat} | {ms:.2f} | {ms / total:.1%}" if total else f"{cat} | {ms:.2f} | -")
-    print(f"total | {total:.2f} |")
+    print("\n".join(table(result, before)))
     print(
         "top ops: "
         + "; ".join(f"{t['op']} ({t['category']}) {t['ms_per_step']:.2f}" for t in result["top_ops"][:8])

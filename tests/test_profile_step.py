@@ -116,3 +116,25 @@ def test_profile_command_on_cpu(tmp_path):
     assert result["ms_per_step"]["matmul"] > 0
     assert result["total_ms_per_step"] == pytest.approx(sum(result["ms_per_step"].values()))
     assert (tmp_path / "profile_step.png").stat().st_size > 0
+
+
+def test_against_an_earlier_profile(tmp_path, capsys):
+    """`--against OLD.json`: each category before and now with the change, two bars per category;
+    a missing file stops with a message before anything compiles."""
+    cats = dict.fromkeys(profile_step.CATEGORIES, 0.0)
+    before = {
+        "device": "H100",
+        "ms_per_step": cats | {"matmul": 538.9, "reductions": 92.9},
+        "total_ms_per_step": 631.8,
+    }
+    now = {"ms_per_step": cats | {"matmul": 484.8, "pallas": 118.7}, "total_ms_per_step": 603.5}
+    rows = profile_step.table(now, before)
+    assert rows[0].startswith("category | before (H100) | now | change")
+    assert "matmul | 538.90 | 484.80 | -54.10 | 80.3%" in rows
+    assert "pallas | 0.00 | 118.70 | +118.70 | 19.7%" in rows
+    assert rows[-1] == "total | 631.80 | 603.50 | -28.30 |"
+    profile_step.plot(now, tmp_path / "both.png", "before and now", before)
+    assert (tmp_path / "both.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        profile_step.main(["--against", str(tmp_path / "missing.json")], load_config=lambda name: None)
+    assert "missing.json: no such file" in capsys.readouterr().err
