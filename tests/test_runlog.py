@@ -7,6 +7,7 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import launch
@@ -191,6 +192,23 @@ def _fake_gpu(monkeypatch, capability):
     gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
     monkeypatch.setattr(kernels.jax, "devices", lambda: [gpu])
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+
+
+@pytest.mark.parametrize("field", ["attention", "mlp"])
+def test_mosaic_choices_stop_on_a_gpu_before_hopper(field, monkeypatch):
+    """Asked for by name, a Mosaic kernel on an A100 stops with the choice to make (in a notebook as
+    in training), rather than running another kernel or failing in the compiler."""
+    cfg = ModelConfig(head_dim=128, compute_dtype="bfloat16", kernels=KernelConfig(**{field: "mosaic"}))
+    _fake_gpu(monkeypatch, "8.0")
+    x = jnp.zeros((1, 128, 1, 128), jnp.bfloat16)
+    call = {
+        "attention": lambda: kernels.attention(cfg)(x, x, x, scale=0.12),
+        "mlp": lambda: kernels.relu2_mlp(cfg)(x[0, :, 0], jnp.zeros((128, 512)), jnp.zeros((512, 128))),
+    }[field]
+    with pytest.raises(
+        ValueError, match=f"kernels.{field}='mosaic' runs Hopper .sm_90. kernels, not this GPU"
+    ):
+        call()
 
 
 @pytest.mark.parametrize("capability, want", [("9.0", "mosaic"), ("8.0", "xla"), ("10.0", "xla")])

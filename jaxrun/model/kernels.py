@@ -68,6 +68,7 @@ def _attention_pallas(
 
     tiles = BlockSizes.get_default()
     if every_pass_mosaic:
+        _check_hopper("attention")
         tiles = dataclasses.replace(tiles, mosaic_documents=True, mosaic_backward=True)
     return flash_attention(
         q_BTHK,
@@ -137,6 +138,16 @@ def on_hopper(device: jax.Device | None = None) -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
+def _check_hopper(field: str) -> None:
+    """Mosaic GPU kernels compile for Hopper only (off a GPU the simulator runs them): on another
+    GPU, stop with the choice to make rather than fall back or fail inside the compiler."""
+    if jax.default_backend() == "gpu" and not on_hopper():
+        kind = getattr(jax.devices()[0], "device_kind", "this GPU")
+        raise ValueError(
+            f"model.kernels.{field}='mosaic' runs Hopper (sm_90) kernels, not {kind}: use 'auto' or 'pallas'"
+        )
+
+
 def mlp_impl(cfg: ModelConfig) -> str:
     """`kernels.mlp` on this backend: `auto` is the Mosaic GEMMs on a Hopper GPU where they apply
     (`ModelConfig.mosaic_mlp_fits`), XLA elsewhere."""
@@ -190,6 +201,7 @@ def _relu2_mlp_pallas(h_ND, w_up, w_down, b_up=None, b_down=None):
 def _relu2_mlp_mosaic(h_ND, w_up, w_down, b_up=None, b_down=None):
     from pallas_kernels.relu2_mlp import relu2_mlp
 
+    _check_hopper("mlp")
     return relu2_mlp(h_ND, w_up, w_down, b_up, b_down, gemms="mosaic", interpret=interpret())
 
 
