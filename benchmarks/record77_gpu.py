@@ -228,6 +228,7 @@ def ablate(args) -> dict:
 
     from jaxrun import schedule, train
     from jaxrun.config import apply_overrides
+    from jaxrun.model import kernels
 
     results = {}
     for name, overrides in ABLATIONS.items():
@@ -245,9 +246,16 @@ def ablate(args) -> dict:
         seconds = time.perf_counter() - t0
         eval_step = train.make_eval_step(cfg, mesh, schedule.eval_mode(cfg, args.steps))
         val_loss = train.evaluate(eval_step, state.params, val, cfg, mesh)
-        results[name] = {"overrides": overrides, "val_loss": val_loss, "seconds_with_compile": seconds}
+        chosen = kernels.resolved(cfg.model, documents=cfg.data.mode != "contiguous")
+        results[name] = {
+            "overrides": overrides,
+            "kernels": chosen,
+            "val_loss": val_loss,
+            "seconds_with_compile": seconds,
+        }
         print(
-            f"{name}: val_loss {val_loss:.4f} after {args.steps} steps ({seconds:.0f} s with compile)",
+            f"{name}: val_loss {val_loss:.4f} after {args.steps} steps ({seconds:.0f} s with compile); "
+            "kernels: " + " · ".join(f"{k} {v}" for k, v in chosen.items()),
             flush=True,
         )
         del state, steps

@@ -75,7 +75,9 @@ def get_config() -> Config:
                 fp8=FP8HeadConfig(),
                 multi_token=(((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)), ((1.0, 0.5), (1.0, 0.0)), ((1.0,), (1.0,))),
             ),
-            kernels=KernelConfig(attention="auto", loss="xla_fused"),  # FP8 head + loss as one custom VJP
+            # On Hopper: Mosaic attention with documents, the Mosaic MLP, the Pallas norm backward;
+            # the FP8 head and its multi-token loss as one custom VJP.
+            kernels=KernelConfig(attention="auto", mlp="auto", loss="xla_fused", norm="auto"),
         ),
         optim=OptimConfig(
             kind="normuon_adam",

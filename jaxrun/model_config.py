@@ -164,7 +164,8 @@ class HeadConfig:
 class KernelConfig:
     """Which implementation runs each kernel (jaxrun/model/kernels.py); the model never branches on it."""
 
-    # "auto": on a GPU cuDNN, or the Pallas kernel where documents are masked; XLA elsewhere.
+    # "auto": on a GPU cuDNN, or where documents are masked the Pallas kernel ("mosaic" on Hopper);
+    # XLA elsewhere.
     # "pallas" runs the Mosaic GPU forward on Hopper where there are no documents, Triton for the
     # rest; "mosaic" runs every pass as a Mosaic GPU kernel, the forward with documents and the
     # backward too (pallas_kernels/attention_mgpu*.py; bf16, heads a multiple of 64, a Hopper GPU).

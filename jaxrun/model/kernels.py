@@ -83,10 +83,13 @@ def _attention_pallas(
 
 
 def _auto_attention(documents: bool) -> str:
-    """`auto`: cuDNN on a GPU, or the Pallas kernel where documents are masked; XLA elsewhere."""
+    """`auto`: cuDNN on a GPU; where documents are masked, which cuDNN cannot, the Pallas kernel,
+    every pass in Mosaic GPU on Hopper (faster there: docs/PERF.md); XLA elsewhere."""
     if jax.default_backend() != "gpu":
         return "xla"
-    return "pallas" if documents else "cudnn"
+    if not documents:
+        return "cudnn"
+    return "mosaic" if on_hopper() else "pallas"
 
 
 def _attention_auto(q_BTHK, k_BTHK, v_BTHK, *, scale, segment_ids_BT=None, window=None) -> jax.Array:
