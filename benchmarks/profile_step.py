@@ -15,8 +15,9 @@ the XLA ops that the CPU client's threads execute, so CI can test it.
 Usage:
   python launch.py profile --config simple --steps 3 [--set ...] [--out DIR] [--against OLD.json]
   python benchmarks/profile_step.py --config simple --steps 3
-Writes profile_step.json (ms per step per category, and the top ops) and
-profile_step.png (a bar chart) to --out. `--against` takes an earlier run's
+Writes profile_step.json (ms per step per category, and the top ops),
+profile_step.png (a bar chart) and step_hlo.txt.gz (the compiled step's HLO, where each op the
+table names can be looked up) to --out. `--against` takes an earlier run's
 profile_step.json and prints and plots each category before and now.
 """
 
@@ -265,6 +266,9 @@ def profile(cfg, steps: int, out: Path, at_step: int = 0) -> dict:
         state, dict.fromkeys(keys, spec)
     )
     compiled = compiled.compile()
+    hlo = compiled.as_text()
+    with gzip.open(out / "step_hlo.txt.gz", "wt") as f:
+        f.write(hlo)
     tokens = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size, jnp.int32)
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=-1)}
     if "segment_ids" in keys:  # documents of DOC_TOKENS tokens on average
@@ -282,7 +286,7 @@ def profile(cfg, steps: int, out: Path, at_step: int = 0) -> dict:
     files = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))
     with gzip.open(files[-1]) as f:
         trace = json.load(f)
-    result = breakdown(trace, compiled.as_text(), steps)
+    result = breakdown(trace, hlo, steps)
     result["device"] = jax.devices()[0].device_kind
     result["config"] = cfg.name
     result["at_step"] = at_step
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None, load_config: Callable | None = None) -> 
         "top ops: "
         + "; ".join(f"{t['op']} ({t['category']}) {t['ms_per_step']:.2f}" for t in result["top_ops"][:8])
     )
-    print(f"wrote {out / 'profile_step.json'} and {out / 'profile_step.png'}")
+    print(f"wrote {out / 'profile_step.json'}, {out / 'profile_step.png'} and {out / 'step_hlo.txt.gz'}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The profile command: HLO-based kernel categories, trace parsing, and a whole run on the CPU."""
 
+import gzip
 import json
 
 import jax
@@ -116,6 +117,10 @@ def test_profile_command_on_cpu(tmp_path):
     assert result["ms_per_step"]["matmul"] > 0
     assert result["total_ms_per_step"] == pytest.approx(sum(result["ms_per_step"].values()))
     assert (tmp_path / "profile_step.png").stat().st_size > 0
+    with gzip.open(tmp_path / "step_hlo.txt.gz", "rt") as f:
+        hlo = f.read()
+    matmuls = [op["op"] for op in result["top_ops"] if op["category"] == "matmul"]
+    assert "ENTRY" in hlo and matmuls and all(op in hlo for op in matmuls)  # the table's ops, to look up
 
 
 def test_against_an_earlier_profile(tmp_path, capsys):
