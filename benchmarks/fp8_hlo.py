@@ -54,6 +54,12 @@ def head_program(tokens: int, loss: str, row_len: int = 2048):
     return jax.jit(jax.value_and_grad(summed, argnums=(0, 1))), (params, h, targets)
 
 
+def fp8_gemm_results(compiled_text: str) -> list[str]:
+    """The result element type of each FP8 cuBLASLt GEMM in a compiled HLO module's text (the first
+    tuple element: the GEMM's output; the second is its workspace)."""
+    return re.findall(r"= \(?(\w+)\[[^\n]*custom_call_target=\"" + re.escape(FP8_GEMM) + '"', compiled_text)
+
+
 def dots(hlo_text: str) -> list[tuple[str, str, str]]:
     """(result type, lhs type, rhs type) of every `dot` in an HLO module's text."""
     types = dict(_DEF.findall(hlo_text))
@@ -106,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=49_152)
     p.add_argument("--loss", default="xla_fused", choices=("xla", "xla_fused"))
-    p.add_argument("--accumulation", action="store_true", help="measure the FP8 GEMM's accumulation error instead")
+    p.add_argument(
+        "--accumulation", action="store_true", help="measure the FP8 GEMM's accumulation error instead"
+    )
     p.add_argument("--k", default="4096,16384,65536", help="--accumulation: token counts K")
     a = p.parse_args(argv)
     import jax
@@ -127,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     fp8 = compiled.count(f'custom_call_target="{FP8_GEMM}"')
     others = re.findall(r'custom_call_target="(__cublas\$[^"]*)"', compiled)
     print(f"compiled: {fp8} FP8 GEMM(s) ({FP8_GEMM}); all cuBLAS calls: {sorted(set(others)) or 'none'}")
+    if fp8:  # the forward's bf16 logits: written by the GEMM itself, or as f32 and then converted
+        print(f"FP8 GEMM results: {', '.join(fp8_gemm_results(compiled))}")
     if jax.default_backend() == "gpu" and fp8 < 3:
         print("FAIL: the forward and both gradient products should each be an FP8 GEMM")
         return 1

@@ -13,3 +13,14 @@ def test_head_dots_take_float8_operands(loss):
     operands = sorted((lhs.split("[")[0], rhs.split("[")[0]) for _, lhs, rhs in dots)
     assert operands == [("f8e4m3fn", "f8e4m3fn"), ("f8e4m3fn", "f8e5m2"), ("f8e5m2", "f8e4m3fn")], dots
     assert all(out.startswith("f32[") for out, _, _ in dots), dots
+
+
+def test_fp8_gemm_results_read_each_custom_calls_output_type():
+    compiled = (
+        "  %gemm.1 = (bf16[4096,50304]{1,0}, s8[33554432]{0}) custom-call(%a, %b, %s, %t), "
+        'custom_call_target="__cublas$lt$matmul$f8", backend_config={}\n'
+        "  %gemm.2 = (f32[768,50304]{1,0}, s8[33554432]{0}) custom-call(%c, %d, %s, %t), "
+        'custom_call_target="__cublas$lt$matmul$f8"\n'
+        '  %gemm.3 = (bf16[4096,768]{1,0}, s8[4194304]{0}) custom-call(%e, %f), custom_call_target="__cublas$gemm"\n'
+    )
+    assert fp8_hlo.fp8_gemm_results(compiled) == ["bf16", "f32"]
