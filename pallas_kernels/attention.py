@@ -52,8 +52,9 @@ class BlockSizes:
     forward with segment ids); the other groups are Triton's.
 
     Defaults were picked by `benchmarks/attention_bench.py --sweep` on an H100 (docs/PERF.md). The
-    Mosaic backward and the Mosaic forward with documents pass their GPU tests but are not yet
-    timed against the Triton kernels, so they are opt-in until they are.
+    Mosaic backward and the Mosaic forward with documents pass their GPU tests and beat the Triton
+    kernels there; the model turns them on through `model.kernels.attention` ("mosaic", or "auto"
+    with documents on Hopper). Here they stay off by default, so "pallas" keeps its Triton path.
     """
 
     block_q: int = 64
