@@ -228,7 +228,7 @@ def ablate(args) -> dict:
 
     from jaxrun import schedule, train
     from jaxrun.config import apply_overrides
-    from jaxrun.model import kernels
+    from jaxrun.runlog import kernel_choices, kernel_line
 
     results = {}
     for name, overrides in ABLATIONS.items():
@@ -246,7 +246,7 @@ def ablate(args) -> dict:
         seconds = time.perf_counter() - t0
         eval_step = train.make_eval_step(cfg, mesh, schedule.eval_mode(cfg, args.steps))
         val_loss = train.evaluate(eval_step, state.params, val, cfg, mesh)
-        chosen = kernels.resolved(cfg.model, documents=cfg.data.mode != "contiguous")
+        chosen = kernel_choices(cfg)
         results[name] = {
             "overrides": overrides,
             "kernels": chosen,
@@ -255,7 +255,7 @@ def ablate(args) -> dict:
         }
         print(
             f"{name}: val_loss {val_loss:.4f} after {args.steps} steps ({seconds:.0f} s with compile); "
-            "kernels: " + " · ".join(f"{k} {v}" for k, v in chosen.items()),
+            + kernel_line(chosen),
             flush=True,
         )
         del state, steps

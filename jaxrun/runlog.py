@@ -49,6 +49,16 @@ def tokens_at(cfg: Config, step: int) -> int:
     return tokens
 
 
+def kernel_choices(cfg: Config) -> dict[str, str]:
+    """Each kernel's implementation for this run on this backend, `auto` resolved."""
+    return kernels.resolved(cfg.model, documents=cfg.data.mode != "contiguous")
+
+
+def kernel_line(choices: dict[str, str]) -> str:
+    """The run header's `kernels:` line."""
+    return "kernels: " + " · ".join(f"{name} {impl}" for name, impl in choices.items())
+
+
 class _Progress:
     """A tqdm bar on a terminal; otherwise (nohup, SLURM) a plain line every ~5% of the run.
 
@@ -215,8 +225,7 @@ class RunLog:
         self.info(
             f"jax {jax.__version__} · {len(devices)} × {devices[0].device_kind} · mesh {dict(mesh.shape)}"
         )
-        chosen = kernels.resolved(self.cfg.model, documents=self.cfg.data.mode != "contiguous")
-        self.info("kernels: " + " · ".join(f"{name} {impl}" for name, impl in chosen.items()))
+        self.info(kernel_line(kernel_choices(self.cfg)))
         self._file(self.cfg.to_json())
         root = Path(__file__).resolve().parent.parent
         for folder in _SOURCE_ROOTS:
