@@ -106,6 +106,7 @@ def stages(args) -> dict:
     compile_s = time.perf_counter() - t0
     untie = train.make_untie(state)
     times: dict[int, list[tuple[int, float]]] = {}
+    first_nonfinite = None  # the first step whose training loss is NaN or infinite
     for step in range(cfg.train.steps):
         batch = next_batch()
         jax.block_until_ready(batch)
@@ -116,10 +117,10 @@ def stages(args) -> dict:
         jax.block_until_ready(state)
         dt = 1000 * (time.perf_counter() - t0)
         times.setdefault(schedule.stage_index(cfg, step), []).append((step, dt))
-        print(
-            f"step {step} stage {schedule.stage_index(cfg, step)} {dt:.1f} ms loss {float(metrics['train_loss']):.4f}",
-            flush=True,
-        )
+        loss = float(metrics["train_loss"])
+        if first_nonfinite is None and not np.isfinite(loss):
+            first_nonfinite = step
+        print(f"step {step} stage {schedule.stage_index(cfg, step)} {dt:.1f} ms loss {loss:.4f}", flush=True)
     t0 = time.perf_counter()
     eval_step = train.make_eval_step(cfg, mesh, schedule.eval_mode(cfg, cfg.train.steps))
     val_loss = train.evaluate(eval_step, state.params, val, cfg, mesh)
@@ -147,7 +148,13 @@ def stages(args) -> dict:
     print(
         f"projected full 1490-step train time at these rates: {full:.0f} s (target 600 s; record per-GPU pace 698 s)"
     )
+    if first_nonfinite is not None:
+        stage = schedule.stage_index(cfg, first_nonfinite)
+        print(
+            f"NOT A VALID RUN: the training loss is not finite from step {first_nonfinite} (stage {stage}) on"
+        )
     return {
+        "first_nonfinite_step": first_nonfinite,
         "compile_s": compile_s,
         "stages": rows,
         "projected_train_s": full,
