@@ -2,6 +2,7 @@
 
 Usage (GPU): python3 benchmarks/head_loss_bench.py
              [--n 16384,32768,49152] [--only xla,xla_fused,xla_fused_rows,pallas] [--sweep] [--no-peak]
+             python3 benchmarks/head_loss_bench.py --pass-only [--n 49152]
 
 Each variant is `jax.value_and_grad` of `head.token_losses(...).sum()` with respect to the head
 weight and the hidden states [1, N, 768], V = 50304, three multi-token weights, in one jit: the
@@ -11,6 +12,10 @@ the custom VJP of jaxrun/model/head_mtp_loss.py with the XLA pass or the Pallas 
 the median, min and max ms over batches of back-to-back calls, XLA's compile-time temp bytes,
 the device's peak bytes above the inputs (a fresh process per variant), and the largest error of
 the loss and of both gradients relative to the `xla` path's largest entry (FP8: expect ~1e-3).
+
+`--pass-only` times the loss-and-gradient pass alone over bf16 logits [N, V] (std 6): XLA's
+(`head_mtp_loss.mtp_ce_xla`) and the Pallas kernel at each tiling of PASS_TILINGS, with the share
+of e5m2 gradient entries that differ from XLA's.
 """
 
 import argparse
@@ -32,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.mlp_ce_bench import time_it
 from configs import record77
 from jaxrun.config import KernelConfig
-from jaxrun.model import head, head_mtp_loss
+from jaxrun.model import head, head_mtp_loss, kernels
 from jaxrun.model.attention import Mode
 
 D, V = 768, 50304
@@ -45,6 +50,7 @@ SWEEP = [
     {"block_n": 8, "block_v": 512, "num_warps": 8},
     {"block_n": 16, "block_v": 256, "num_warps": 8},
 ]
+PASS_TILINGS = [(1, 2048, 4), (2, 2048, 8), (4, 1024, 4), (8, 512, 8)]  # (block_n, block_v, num_warps)
 
 
 def inputs(n, seed=0):
@@ -140,17 +146,49 @@ def run_n(n: int, names: list[str], peak: bool) -> None:
         print(json.dumps(row), flush=True)
 
 
+def run_pass(n: int) -> None:
+    """The loss-and-gradient pass alone: XLA's, then the Pallas kernel per tiling, over the same logits."""
+    from pallas_kernels import mtp_ce
+
+    k = jax.random.split(jax.random.key(0), 2)
+    logits = (6.0 * jax.random.normal(k[0], (n, V))).astype(jnp.bfloat16)
+    t = jax.random.randint(k[1], (n,), 0, V)
+    args = (logits, head_mtp_loss.shifted_targets(t, min(n, 16_384), len(WEIGHTS)), jnp.array(WEIGHTS))
+    kw = {"cap_value": 23.0, "grad_scale": record77.get_config().model.head.fp8.grad_scale}
+    passes = {"xla": lambda *a: head_mtp_loss.mtp_ce_xla(*a, **kw)}
+    for bn, bv, nw in PASS_TILINGS:
+        bs = mtp_ce.BlockSizes(block_n=bn, block_v=bv, num_warps=nw)
+        passes[f"pallas_{bn}_{bv}_{nw}"] = lambda *a, bs=bs: mtp_ce.mtp_ce(
+            *a, **kw, block_sizes=bs, interpret=kernels.interpret()
+        )
+    g8_xla = None
+    for name, fn in passes.items():
+        compiled = jax.jit(fn).lower(*args).compile()
+        g8 = compiled(*args)[2].astype(jnp.float32)
+        g8_xla = g8 if g8_xla is None else g8_xla
+        row = {"n": n, "pass": name, "e5m2_differ_from_xla": float(jnp.mean(g8 != g8_xla))}
+        row["ms"], row["min_ms"], row["max_ms"] = time_it(compiled, args)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", default="16384,32768,49152", help="tokens per micro-batch, comma-separated")
     p.add_argument("--only", default="xla,xla_fused,xla_fused_rows,pallas")
     p.add_argument("--sweep", action="store_true", help="also Pallas tilings (pallas_<n>_<v>_<warps>)")
     p.add_argument("--no-peak", action="store_true", help="skip the per-variant peak-memory processes")
+    p.add_argument(
+        "--pass-only", action="store_true", help="time the loss pass alone, XLA and Pallas tilings"
+    )
     p.add_argument("--peak-child")
     a = p.parse_args()
     if a.peak_child:
         name, n = a.peak_child.split(":")
         return peak_child(name, int(n))
+    if a.pass_only:
+        for n in (int(x) for x in a.n.split(",")):
+            run_pass(n)
+        return None
     names = a.only.split(",")
     if a.sweep:
         names += [f"pallas_{s['block_n']}_{s['block_v']}_{s['num_warps']}" for s in SWEEP]

@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
+_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,10 +41,11 @@ class BlockSizes:
       num_warps: Triton warps per program.
     """
 
-    # The record's Triton kernels run one row per program in steps of 2048 (forward) and 1024
-    # (backward) columns; not yet tuned here (benchmarks/head_loss_bench.py --sweep).
-    block_n: int = 4
-    block_v: int = 1024
+    # One H100, the pass alone at 49,152 × 50,304 (`head_loss_bench.py --pass-only`, 2026-12-07):
+    # 1 row × 2048 columns, 4 warps 5.81 ms; 2 × 2048, 8 warps 6.14; 8 × 512, 8 warps 6.14;
+    # 4 × 1024, 4 warps 6.73. The record's Triton kernels also run one row per program.
+    block_n: int = 1
+    block_v: int = 2048
     num_warps: int = 4
 
     @classmethod
@@ -80,15 +82,19 @@ def _mtp_ce_kernel(logits_ref, *refs, n_terms: int, c: float, grad_scale: float,
     total_w_ref, lse_ref, grad_ref = refs[2 * n_terms :]
     v = logits_ref.shape[1]
 
+    # The pass is bound by arithmetic, not memory: exponentials are base 2 with the scales folded
+    # into one multiply-add, the divisions by constants are multiplies.
     def sigmoid(start, size):
         l = logits_ref[:, pl.ds(start, size)].astype(_F32)
-        return jax.nn.sigmoid((l + 5) / 7.5)
+        return 1.0 / (1.0 + jnp.exp2(l * (-_LOG2E / 7.5) - 5 * _LOG2E / 7.5))
 
     def add_exp(acc, start, size):
-        return acc + jnp.sum(jnp.exp(c * sigmoid(start, size) - c), axis=1)
+        return acc + jnp.sum(jnp.exp2(sigmoid(start, size) * (c * _LOG2E) - c * _LOG2E), axis=1)
 
     lse = c + jnp.log(_over_columns(add_exp, jnp.zeros(lse_ref.shape, _F32), v, block_v))
     lse_ref[...] = lse
+    lse2 = lse * _LOG2E
+    dl_scale = c / 7.5 / grad_scale
     targets = [r[...] for r in targets_refs]
     weights = [r[...] for r in weight_refs]
     total_w = total_w_ref[...]
@@ -99,9 +105,8 @@ def _mtp_ce_kernel(logits_ref, *refs, n_terms: int, c: float, grad_scale: float,
         hit = jnp.zeros(sig.shape, _F32)
         for t, w in zip(targets, weights):
             hit = hit + jnp.where(cols == t[:, None], w[:, None], 0.0)
-        dz = total_w[:, None] * jnp.exp(c * sig - lse[:, None]) - hit
-        dl = ((dz * c) * (sig * (1 - sig))) / 7.5
-        grad_ref[:, pl.ds(start, size)] = (dl / grad_scale).astype(grad_ref.dtype)
+        dz = total_w[:, None] * jnp.exp2(sig * (c * _LOG2E) - lse2[:, None]) - hit
+        grad_ref[:, pl.ds(start, size)] = (dz * (sig - sig * sig) * dl_scale).astype(grad_ref.dtype)
         return carry
 
     _over_columns(write_grad, 0, v, block_v)
