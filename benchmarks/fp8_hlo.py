@@ -2,6 +2,7 @@
 
   python benchmarks/fp8_hlo.py [--tokens 49152] [--loss xla_fused|xla]
   python benchmarks/fp8_hlo.py --accumulation [--k 4096,16384,65536]
+  python benchmarks/fp8_hlo.py --forms [--tokens 49152]
 
 The record runs its lm_head as three FP8 GEMMs (torch._scaled_mm): e4m3 × e4m3 forward, and e5m2 × e4m3
 for the input's and the weight's gradients. jaxrun writes each as a `dot_general` of float8 operands with
@@ -16,6 +17,11 @@ exits 1 unless all three products are FP8 GEMMs.
 accumulates at each precision: its error against the float32 sum of the same products (each exact in
 float32), relative to the largest entry. Fast accumulation (DEFAULT on a GPU) grows with K; HIGHEST
 should stay flat. On a CPU both are exact.
+
+`--forms` times the forward GEMM written four ways (FORWARD_FORMS) at `--tokens` × 768 × 50304 and
+prints, for each, the result type of its FP8 GEMMs (empty: XLA did not make one) and its logits' error
+against the exact float32 product, relative to each logit: a bf16 result lets the GEMM write the
+logits itself, instead of a float32 [N, V] that a second pass converts.
 """
 
 from __future__ import annotations
@@ -108,6 +114,79 @@ def accumulation_errors(k_tokens: int) -> dict[str, float]:
     return errors
 
 
+FORWARD_FORMS = {
+    "f32_result": "float32 sums, scaled, then rounded to bf16 (record77's forward)",
+    "bf16_result": "the sums rounded to bf16 by the GEMM; the reader scales them in float32",
+    "bf16_dequantized": "operands dequantized in bf16 (scales rounded to bf16), bf16 result",
+    "f32_dequantized": "operands dequantized in float32, bf16 result",
+}
+
+
+def forward_form(name: str, x_scale: float, w_scale: float):
+    """`fn(x8 [N, D], w8 [D, V]) -> bf16 [N, V]`, what the GEMM returns, for a FORWARD_FORMS entry."""
+    import jax
+    import jax.numpy as jnp
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+
+    def dot(a, b, out):
+        return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=out)
+
+    def fn(x8, w8):
+        if name == "f32_result":
+            return (dot(x8, w8, f32) * (x_scale * w_scale)).astype(bf16)
+        if name == "bf16_result":
+            return dot(x8, w8, bf16)
+        if name == "bf16_dequantized":
+            return dot(x8.astype(bf16) * bf16(x_scale), w8.astype(bf16) * bf16(w_scale), bf16)
+        return dot(x8.astype(f32) * x_scale, w8.astype(f32) * w_scale, bf16)
+
+    return fn
+
+
+def forms(tokens: int) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.mlp_ce_bench import time_it
+    from jaxrun.config import FP8HeadConfig
+
+    s = FP8HeadConfig()
+    k = jax.random.split(jax.random.key(0), 2)
+    x8 = head_fp8(jax.random.normal(k[0], (tokens, 768)) * 2.0, s.x_scale)
+    w8 = head_fp8(jax.random.normal(k[1], (768, 50_304)) * 0.02, s.w_scale)
+    exact_dot = jax.jit(
+        lambda a, b: jax.lax.dot_general(
+            a,
+            b,
+            (((1,), (0,)), ((), ())),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+    )
+    exact = exact_dot(x8, w8) * (s.x_scale * s.w_scale)
+    print(f"the forward FP8 GEMM, {tokens} × 768 × 50304, on {jax.devices()[0].device_kind}")
+    print("  error: max |logit - exact| / max |exact|, and mean |logit - exact| / mean |exact|")
+    for name, what in FORWARD_FORMS.items():
+        compiled = jax.jit(forward_form(name, s.x_scale, s.w_scale)).lower(x8, w8).compile()
+        out = compiled(x8, w8).astype(jnp.float32)
+        logits = out * (s.x_scale * s.w_scale) if name == "bf16_result" else out
+        err = jnp.abs(logits - exact)
+        ms = time_it(compiled, (x8, w8))[0]
+        gemms = ", ".join(fp8_gemm_results(compiled.as_text())) or "none"
+        print(
+            f"  {name:17s} {ms:7.3f} ms  FP8 GEMM result: {gemms:5s}  error max {float(err.max() / jnp.abs(exact).max()):.1e}"
+            f" mean {float(err.mean() / jnp.abs(exact).mean()):.1e}  ({what})"
+        )
+
+
+def head_fp8(x, scale: float):
+    """x / scale as e4m3."""
+    import jax.numpy as jnp
+
+    return (x / scale).astype(jnp.float8_e4m3fn)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=49_152)
@@ -116,8 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         "--accumulation", action="store_true", help="measure the FP8 GEMM's accumulation error instead"
     )
     p.add_argument("--k", default="4096,16384,65536", help="--accumulation: token counts K")
+    p.add_argument("--forms", action="store_true", help="time the forward GEMM written four ways instead")
     a = p.parse_args(argv)
     import jax
+
+    if a.forms:
+        forms(a.tokens)
+        return 0
 
     if a.accumulation:
         print(f"FP8 weight-gradient GEMM on {jax.devices()[0].device_kind}: error / largest entry")

@@ -24,3 +24,26 @@ def test_fp8_gemm_results_read_each_custom_calls_output_type():
         '  %gemm.3 = (bf16[4096,768]{1,0}, s8[4194304]{0}) custom-call(%e, %f), custom_call_target="__cublas$gemm"\n'
     )
     assert fp8_hlo.fp8_gemm_results(compiled) == ["bf16", "f32"]
+
+
+def test_forward_forms_give_the_logits_within_a_bf16_rounding():
+    """Each way of writing the forward GEMM (`fp8_hlo.py --forms`) returns bf16 and, scaled as its
+    reader would, the float32 product within one bf16 rounding. Not the bf16-dequantized form: the CPU
+    sums a dot of bf16 operands in bf16 (a GPU's GEMM sums in float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrun.config import FP8HeadConfig
+
+    s = FP8HeadConfig()
+    k = jax.random.split(jax.random.key(7), 2)
+    x8 = fp8_hlo.head_fp8(2.0 * jax.random.normal(k[0], (64, 96)), s.x_scale)
+    w8 = fp8_hlo.head_fp8(0.02 * jax.random.normal(k[1], (96, 80)), s.w_scale)
+    exact = (x8.astype(jnp.float32) @ w8.astype(jnp.float32)) * (s.x_scale * s.w_scale)
+    for name in fp8_hlo.FORWARD_FORMS:
+        out = fp8_hlo.forward_form(name, s.x_scale, s.w_scale)(x8, w8)
+        assert out.dtype == jnp.bfloat16, name
+        logits = out.astype(jnp.float32) * (s.x_scale * s.w_scale if name == "bf16_result" else 1.0)
+        if name != "bf16_dequantized":
+            rel = jnp.abs(logits - exact) / jnp.maximum(jnp.abs(exact), 1e-2 * jnp.abs(exact).max())
+            assert float(rel.max()) <= 2.0**-8, (name, float(rel.max()))
