@@ -19,9 +19,10 @@ float32), relative to the largest entry. Fast accumulation (DEFAULT on a GPU) gr
 should stay flat. On a CPU both are exact.
 
 `--forms` times the forward GEMM written four ways (FORWARD_FORMS) at `--tokens` × 768 × 50304 and
-prints, for each, the result type of its FP8 GEMMs (empty: XLA did not make one) and its logits' error
-against the exact float32 product, relative to each logit: a bf16 result lets the GEMM write the
-logits itself, instead of a float32 [N, V] that a second pass converts.
+prints, for each, the result type of its FP8 GEMMs (none: XLA did not make one) and its logits' error
+against the exact float32 product (the largest and the mean, each relative to the logits' largest and
+mean size): a bf16 result lets the GEMM write the logits itself, instead of a float32 [N, V] that a
+second pass converts.
 """
 
 from __future__ import annotations
@@ -150,11 +151,13 @@ def forms(tokens: int) -> None:
 
     from benchmarks.mlp_ce_bench import time_it
     from jaxrun.config import FP8HeadConfig
+    from jaxrun.model import head
 
     s = FP8HeadConfig()
     k = jax.random.split(jax.random.key(0), 2)
-    x8 = head_fp8(jax.random.normal(k[0], (tokens, 768)) * 2.0, s.x_scale)
-    w8 = head_fp8(jax.random.normal(k[1], (768, 50_304)) * 0.02, s.w_scale)
+    x8, w8 = head.fp8_operands(
+        jax.random.normal(k[0], (tokens, 768)) * 2.0, jax.random.normal(k[1], (768, 50_304)) * 0.02, s
+    )
     exact_dot = jax.jit(
         lambda a, b: jax.lax.dot_general(
             a,
@@ -178,13 +181,6 @@ def forms(tokens: int) -> None:
             f"  {name:17s} {ms:7.3f} ms  FP8 GEMM result: {gemms:5s}  error max {float(err.max() / jnp.abs(exact).max()):.1e}"
             f" mean {float(err.mean() / jnp.abs(exact).mean()):.1e}  ({what})"
         )
-
-
-def head_fp8(x, scale: float):
-    """x / scale as e4m3."""
-    import jax.numpy as jnp
-
-    return (x / scale).astype(jnp.float8_e4m3fn)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,11 +34,13 @@ def test_forward_forms_give_the_logits_within_a_bf16_rounding():
     import jax.numpy as jnp
 
     from jaxrun.config import FP8HeadConfig
+    from jaxrun.model import head
 
     s = FP8HeadConfig()
     k = jax.random.split(jax.random.key(7), 2)
-    x8 = fp8_hlo.head_fp8(2.0 * jax.random.normal(k[0], (64, 96)), s.x_scale)
-    w8 = fp8_hlo.head_fp8(0.02 * jax.random.normal(k[1], (96, 80)), s.w_scale)
+    x8, w8 = head.fp8_operands(
+        2.0 * jax.random.normal(k[0], (64, 96)), 0.02 * jax.random.normal(k[1], (96, 80)), s
+    )
     exact = (x8.astype(jnp.float32) @ w8.astype(jnp.float32)) * (s.x_scale * s.w_scale)
     for name in fp8_hlo.FORWARD_FORMS:
         out = fp8_hlo.forward_form(name, s.x_scale, s.w_scale)(x8, w8)
