@@ -1,7 +1,8 @@
 """Multi-token softcapped cross-entropy and its logit gradient in one Pallas kernel (record #77's loss).
 
-Given bf16 logits `l` [N, V], targets `t` [N, K] (column k: the target k tokens
-ahead, -1 where there is none) and weights `w` [K], with `z = c·σ((l + 5)/7.5)`:
+Given bf16 logits `l` [N, V] (or float32 ones, rounded to bf16 as they are
+read), targets `t` [N, K] (column k: the target k tokens ahead, -1 where there
+is none) and weights `w` [K], with `z = c·σ((l + 5)/7.5)`:
 
     loss[i] = Σ_k w_k·(logsumexp_j z[i, j] - z[i, t[i, k]])   (terms with t < 0 dropped)
 
@@ -85,7 +86,7 @@ def _mtp_ce_kernel(logits_ref, *refs, n_terms: int, c: float, grad_scale: float,
     # The pass is bound by arithmetic, not memory: exponentials are base 2 with the scales folded
     # into one multiply-add, the divisions by constants are multiplies.
     def sigmoid(start, size):
-        l = logits_ref[:, pl.ds(start, size)].astype(_F32)
+        l = logits_ref[:, pl.ds(start, size)].astype(jnp.bfloat16).astype(_F32)
         return 1.0 / (1.0 + jnp.exp2(l * (-_LOG2E / 7.5) - 5 * _LOG2E / 7.5))
 
     def add_exp(acc, start, size):
@@ -136,7 +137,7 @@ def mtp_ce(
     """Losses, per-term losses and the scaled e5m2 logit gradient of the multi-token softcapped CE.
 
     Args:
-      logits_NV: bf16 raw logits.
+      logits_NV: raw logits, bf16, or float32 that the kernel rounds to bf16 as it reads them.
       targets_NK: int targets, column k the one k tokens ahead; negative entries are ignored.
       weights_K: float weights of the K terms (traced).
       cap_value: c of the cap c·σ((l + 5)/7.5): 23 for record #77.
@@ -173,9 +174,14 @@ def mtp_ce(
         *(w_NK[:, k] for k in range(n_terms)),
         total_w_N,
     )
-    l_target_NK = jnp.take_along_axis(logits_NV, jnp.maximum(targets_NK, 0), axis=-1).astype(_F32)
+    l_target_NK = _as_bf16(jnp.take_along_axis(logits_NV, jnp.maximum(targets_NK, 0), axis=-1))
     ce_NK = jnp.where(targets_NK >= 0, lse_N[:, None] - c * jax.nn.sigmoid((l_target_NK + 5) / 7.5), 0.0)
     return _weighted_sum(ce_NK, weights_K.astype(_F32)), ce_NK, grad_NV
+
+
+def _as_bf16(l):
+    """Rounded to bf16, as float32 (outside the kernel XLA could drop a bf16 round trip)."""
+    return lax.reduce_precision(l.astype(_F32), exponent_bits=8, mantissa_bits=7)
 
 
 def _weighted_sum(ce_NK, weights_K):
@@ -194,6 +200,6 @@ def mtp_ce_reference(logits_NV, targets_NK, weights_K, *, cap_value: float, grad
         ce_NK = jnp.where(targets_NK >= 0, jax.nn.logsumexp(z_NV, axis=-1)[:, None] - z_target_NK, 0.0)
         return _weighted_sum(ce_NK, weights_K.astype(_F32)), ce_NK
 
-    (losses_N, ce_NK), vjp = jax.vjp(losses, logits_NV.astype(_F32))
+    (losses_N, ce_NK), vjp = jax.vjp(losses, _as_bf16(logits_NV))
     (dl_NV,) = vjp((jnp.ones_like(losses_N), jnp.zeros_like(ce_NK)))
     return losses_N, ce_NK, (dl_NV / grad_scale).astype(jnp.float8_e5m2)

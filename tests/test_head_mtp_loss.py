@@ -95,6 +95,17 @@ def test_ce_pass_matches_autodiff(impl, n_terms):
     )
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_ce_pass_rounds_float32_logits_as_it_reads_them(impl):
+    """The head hands the pass the FP8 GEMM's float32 logits: they must give exactly what their bf16
+    rounding gives."""
+    logits = 8.0 * jax.random.normal(jax.random.key(4), (N, V))
+    _, _, t = _inputs(14)
+    args = (head_mtp_loss.shifted_targets(t, T, 3), jnp.array(WEIGHTS[3]))
+    run = jax.jit(lambda *a: CE_PASSES[impl](*a, cap_value=23.0, grad_scale=SCALES.grad_scale))
+    chex.assert_trees_all_equal(run(logits, *args), run(logits.astype(jnp.bfloat16), *args))
+
+
 def test_shifted_targets_stop_at_the_row_end():
     t = jnp.arange(2 * 4)
     np.testing.assert_array_equal(

@@ -189,7 +189,17 @@ def fp8_operands(x_ND: jax.Array, w_DV: jax.Array, s: FP8HeadConfig) -> tuple[ja
 
 def fp8_logits(x8_ND: jax.Array, w8_DV: jax.Array, s: FP8HeadConfig) -> jax.Array:
     """The e4m3 GEMM (fast accumulation, as the record's forward), rescaled and rounded to bf16 [N, V]."""
-    return (_dot(x8_ND, w8_DV, (1, 0), FORWARD_PRECISION) * (s.x_scale * s.w_scale)).astype(jnp.bfloat16)
+    return fp8_logits_unrounded(x8_ND, w8_DV, s).astype(jnp.bfloat16)
+
+
+def fp8_logits_unrounded(x8_ND: jax.Array, w8_DV: jax.Array, s: FP8HeadConfig) -> jax.Array:
+    """`fp8_logits` before its bf16 rounding: the GEMM's float32 result, rescaled.
+
+    On a GPU the GEMM writes float32 either way (cuBLASLt writes bf16 only from a dot whose result
+    is bf16, and XLA does not fold the rescale and rounding into it). A reader that rounds as it
+    reads spares the pass that would write the bf16 copy.
+    """
+    return _dot(x8_ND, w8_DV, (1, 0), FORWARD_PRECISION) * (s.x_scale * s.w_scale)
 
 
 def quantize_grad(g_NV: jax.Array, s: FP8HeadConfig) -> jax.Array:

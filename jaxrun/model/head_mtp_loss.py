@@ -37,7 +37,9 @@ from jaxrun.model import head
 _F32 = jnp.float32
 IGNORE_INDEX = -1
 
-# (logits_NV bf16, targets_NK, weights_K, *, cap_value, grad_scale) -> (losses_N, ce_NK, g8_NV)
+# (logits_NV, targets_NK, weights_K, *, cap_value, grad_scale) -> (losses_N, ce_NK, g8_NV): logits_NV
+# is the record's bf16 logits, or their float32 values before the rounding, which the pass then does
+# as it reads them.
 CEFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
@@ -64,18 +66,25 @@ def weighted_sum(ce_NK: jax.Array, weights_K: jax.Array) -> jax.Array:
     return total_N
 
 
+def as_bf16_logits(l: jax.Array) -> jax.Array:
+    """Logits rounded to bf16 (a no-op on bf16 ones), as float32. A bf16 round trip would not do:
+    XLA may drop a float32 → bf16 → float32 pair (`xla_allow_excess_precision`, on by default)."""
+    return jax.lax.reduce_precision(l.astype(_F32), exponent_bits=8, mantissa_bits=7)
+
+
 def term_losses(logits_NV, lse_N, targets_NK, c: float) -> jax.Array:
     """[N, K] CE of each term from the log-sum-exp and the gathered target logits; 0 where ignored."""
     safe_NK = jnp.maximum(targets_NK, 0)
-    l_target_NK = jnp.take_along_axis(logits_NV, safe_NK, axis=-1).astype(_F32)
+    l_target_NK = as_bf16_logits(jnp.take_along_axis(logits_NV, safe_NK, axis=-1))
     return jnp.where(targets_NK >= 0, lse_N[:, None] - sigmoid_cap(l_target_NK, c), 0.0)
 
 
 def mtp_ce_xla(logits_NV, targets_NK, weights_K, *, cap_value: float, grad_scale: float):
     """Losses [N], term losses [N, K] and the e5m2 gradient [N, V] (unit cotangent, divided by
-    `grad_scale`) of bf16 logits, in two XLA fusions: a reduction, then one elementwise pass."""
+    `grad_scale`) of bf16 logits, in two XLA fusions: a reduction, then one elementwise pass. Each
+    rounds float32 logits to bf16 as it reads them: no bf16 copy is written."""
     c = cap_value
-    lse_N = c + jnp.log(jnp.sum(jnp.exp(sigmoid_cap(logits_NV.astype(_F32), c) - c), axis=-1))
+    lse_N = c + jnp.log(jnp.sum(jnp.exp(sigmoid_cap(as_bf16_logits(logits_NV), c) - c), axis=-1))
     ce_NK = term_losses(logits_NV, lse_N, targets_NK, c)
     # A second name for the logits: without it XLA shares the float32 cap between the reduction and
     # the gradient pass and writes it to memory once, [N, V] float32.
@@ -86,7 +95,7 @@ def mtp_ce_xla(logits_NV, targets_NK, weights_K, *, cap_value: float, grad_scale
     hit_NV = jnp.zeros(logits_NV.shape, _F32)
     for k in range(targets_NK.shape[1]):
         hit_NV = hit_NV + jnp.where(cols_NV == targets_NK[:, k, None], w_NK[:, k, None], 0.0)
-    sig_NV = jax.nn.sigmoid((logits_NV.astype(_F32) + 5) / 7.5)
+    sig_NV = jax.nn.sigmoid((as_bf16_logits(logits_NV) + 5) / 7.5)
     p_NV = jnp.exp(c * sig_NV - lse_N[:, None])
     dz_NV = total_w_N[:, None] * p_NV - hit_NV  # d(Σ_k w_k·CE_k)/dz
     dl_NV = ((dz_NV * c) * (sig_NV * (1 - sig_NV))) / 7.5  # through the cap, as autodiff orders it
@@ -103,7 +112,7 @@ def mtp_ce_reference(logits_NV, targets_NK, weights_K, *, cap_value: float, grad
         ce_NK = jnp.where(targets_NK >= 0, logz_N[:, None] - z_target_NK, 0.0)
         return weighted_sum(ce_NK, weights_K), ce_NK
 
-    (losses_N, ce_NK), vjp = jax.vjp(losses, logits_NV.astype(_F32))
+    (losses_N, ce_NK), vjp = jax.vjp(losses, as_bf16_logits(logits_NV))
     (dl_NV,) = vjp((jnp.ones_like(losses_N), jnp.zeros_like(ce_NK)))
     return losses_N, ce_NK, (dl_NV / grad_scale).astype(jnp.float8_e5m2)
 
@@ -138,7 +147,7 @@ def _forward(h_ND, w_DV, targets_NK, weights_K, st: _Static):
     ce = functools.partial(st.ce, cap_value=st.cap_value, grad_scale=st.scales.grad_scale)
 
     def rows(x8_RD, targets_RK):
-        return ce(head.fp8_logits(x8_RD, w8_DV, st.scales), targets_RK, weights_K)
+        return ce(head.fp8_logits_unrounded(x8_RD, w8_DV, st.scales), targets_RK, weights_K)
 
     n = h_ND.shape[0]
     if st.row_block is None or st.row_block >= n:
