@@ -15,6 +15,12 @@ max pass is needed), a second loop over the same slices (from L2, a row is
 log-sum-exp and a gather of the K target logits outside the kernel. The
 kernel is a portable `pallas_call` with BlockSpecs, so `interpret=True` runs it
 on CPU.
+
+The Triton lowering addresses a buffer of under 2³² bytes with 32-bit signed
+offsets, so a one-byte gradient of 2³¹ entries or more (49,152 × 50,304 is
+2.47·10⁹: record #77's last stages) would be written through wrapped, negative
+offsets. Such a gradient is made by several calls over row ranges, each under
+2³¹ entries, and joined.
 """
 
 import dataclasses
@@ -30,6 +36,7 @@ from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634
+MAX_GRAD_ENTRIES = 2**31 - 1  # per call: 32-bit signed offsets into the e5m2 gradient
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,28 +162,53 @@ def mtp_ce(
     targets_NK = targets_NK.astype(jnp.int32)
     w_NK = jnp.where(targets_NK >= 0, weights_K.astype(_F32)[None, :], 0.0)
     total_w_N = _weighted_sum(jnp.where(targets_NK >= 0, 1.0, 0.0), weights_K.astype(_F32))
-    row = pl.BlockSpec((bs.block_n,), lambda i: (i,))
-    full_rows = pl.BlockSpec((bs.block_n, v), lambda i: (i, 0))
-    lse_N, grad_NV = pl.pallas_call(
-        functools.partial(
-            _mtp_ce_kernel, n_terms=n_terms, c=c, grad_scale=float(grad_scale), block_v=bs.block_v
-        ),
-        grid=(n // bs.block_n,),
-        in_specs=[full_rows] + [row] * (2 * n_terms + 1),
-        out_specs=[row, full_rows],
-        out_shape=[out_struct(logits_NV, (n,), _F32), out_struct(logits_NV, (n, v), jnp.float8_e5m2)],
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=1),
-        interpret=interpret,
-        name="mtp_ce",
-    )(
-        logits_NV,
+    row_inputs = (
         *(targets_NK[:, k] for k in range(n_terms)),
         *(w_NK[:, k] for k in range(n_terms)),
         total_w_N,
     )
+    kernel = functools.partial(
+        _mtp_ce_kernel, n_terms=n_terms, c=c, grad_scale=float(grad_scale), block_v=bs.block_v
+    )
+    parts = [
+        _call_rows(kernel, bs, logits_NV, row_inputs, start, rows, interpret)
+        for start, rows in _row_ranges(n, v, bs.block_n)
+    ]
+    lse_N = jnp.concatenate([lse for lse, _ in parts])
+    grad_NV = jnp.concatenate([grad for _, grad in parts])
     l_target_NK = _as_bf16(jnp.take_along_axis(logits_NV, jnp.maximum(targets_NK, 0), axis=-1))
     ce_NK = jnp.where(targets_NK >= 0, lse_N[:, None] - c * jax.nn.sigmoid((l_target_NK + 5) / 7.5), 0.0)
     return _weighted_sum(ce_NK, weights_K.astype(_F32)), ce_NK, grad_NV
+
+
+def _row_ranges(n: int, v: int, block_n: int) -> list[tuple[int, int]]:
+    """(start, rows) ranges of whole blocks covering N, each with under `MAX_GRAD_ENTRIES` entries."""
+    max_blocks = MAX_GRAD_ENTRIES // (v * block_n)
+    if max_blocks == 0:
+        raise ValueError(f"one block of {block_n} rows × {v} columns is over {MAX_GRAD_ENTRIES} entries")
+    n_blocks = n // block_n
+    n_calls = -(-n_blocks // max_blocks)
+    per_call = -(-n_blocks // n_calls)
+    return [(b * block_n, min(per_call, n_blocks - b) * block_n) for b in range(0, n_blocks, per_call)]
+
+
+def _call_rows(kernel, bs: BlockSizes, logits_NV, row_inputs, start: int, rows: int, interpret: bool):
+    """The kernel over rows [start, start + rows): lse [rows] and the e5m2 gradient [rows, V]."""
+    v, first = logits_NV.shape[1], start // bs.block_n
+    row_in = pl.BlockSpec((bs.block_n,), lambda i: (i + first,))
+    rows_in = pl.BlockSpec((bs.block_n, v), lambda i: (i + first, 0))
+    row_out = pl.BlockSpec((bs.block_n,), lambda i: (i,))
+    rows_out = pl.BlockSpec((bs.block_n, v), lambda i: (i, 0))
+    return pl.pallas_call(
+        kernel,
+        grid=(rows // bs.block_n,),
+        in_specs=[rows_in] + [row_in] * len(row_inputs),
+        out_specs=[row_out, rows_out],
+        out_shape=[out_struct(logits_NV, (rows,), _F32), out_struct(logits_NV, (rows, v), jnp.float8_e5m2)],
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=1),
+        interpret=interpret,
+        name="mtp_ce",
+    )(logits_NV, *row_inputs)
 
 
 def _as_bf16(l):

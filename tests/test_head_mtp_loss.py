@@ -106,6 +106,31 @@ def test_ce_pass_rounds_float32_logits_as_it_reads_them(impl):
     chex.assert_trees_all_equal(run(logits, *args), run(logits.astype(jnp.bfloat16), *args))
 
 
+def test_record_sized_gradient_is_split_under_2_31_entries_a_call():
+    """49,152 × 50,304 e5m2 entries (record #77's last stages) are too many for one call's 32-bit
+    offsets: the row ranges must cover N in order, each under 2^31 entries."""
+    for n, v, block_n in [(49152, 50304, 1), (49152, 50304, 8), (32768, 50304, 1), (16, 300, 4)]:
+        ranges = mtp_ce_kernel._row_ranges(n, v, block_n)
+        assert [s for s, _ in ranges] == list(np.cumsum([0] + [r for _, r in ranges[:-1]]))
+        assert sum(r for _, r in ranges) == n
+        assert all(r % block_n == 0 and r * v < 2**31 for _, r in ranges)
+        assert len(ranges) == (2 if n * v >= 2**31 else 1), (n, v)
+
+
+def test_calls_over_row_ranges_equal_one_call(monkeypatch):
+    """Forced into three calls, the kernel gives what one call gives, bit for bit."""
+    logits = (8.0 * jax.random.normal(jax.random.key(5), (N, V))).astype(jnp.bfloat16)
+    _, _, t = _inputs(15)
+    args = (logits, head_mtp_loss.shifted_targets(t, T, 3), jnp.array(WEIGHTS[3]))
+    kw = {"cap_value": 23.0, "grad_scale": SCALES.grad_scale}
+    one = CE_PASSES["pallas"](*args, **kw)
+    monkeypatch.setattr(mtp_ce_kernel, "MAX_GRAD_ENTRIES", 4 * 8 * V)  # 4 blocks of 8 rows a call
+    mtp_ce_kernel.mtp_ce.clear_cache()
+    assert len(mtp_ce_kernel._row_ranges(N, V, 8)) == 3
+    chex.assert_trees_all_equal(CE_PASSES["pallas"](*args, **kw), one)
+    mtp_ce_kernel.mtp_ce.clear_cache()
+
+
 def test_shifted_targets_stop_at_the_row_end():
     t = jnp.arange(2 * 4)
     np.testing.assert_array_equal(
@@ -258,3 +283,23 @@ def test_compiled_kernel_at_the_records_vocabulary(n_terms):
     np.testing.assert_allclose(losses, losses_ref, **LOSS_TOL)
     np.testing.assert_allclose(ce, ce_ref, **LOSS_TOL)
     _assert_e5m2_close(g8, g8_ref)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_past_2_31_gradient_entries():
+    """At 49,152 × 50,304 (record #77's stage 2 on one GPU) the last rows, past 2^31 entries, match
+    autodiff: one call would write them through wrapped 32-bit offsets."""
+    n, v, tail = 49152, 50304, 512
+    logits = (4.0 * jax.random.normal(jax.random.key(53), (n, v))).astype(jnp.bfloat16)
+    t = jax.random.randint(jax.random.key(54), (n,), 0, v)
+    targets_NK = head_mtp_loss.shifted_targets(t, 256, 3)
+    weights = jnp.array(WEIGHTS[3])
+    kw = {"cap_value": 23.0, "grad_scale": SCALES.grad_scale}
+    losses, _, g8 = mtp_ce_kernel.mtp_ce(logits, targets_NK, weights, **kw)
+    chex.assert_tree_all_finite(losses)
+    for rows in (slice(0, tail), slice(n - tail, n)):
+        losses_ref, _, g8_ref = jax.jit(lambda *a: head_mtp_loss.mtp_ce_reference(*a, **kw))(
+            logits[rows], targets_NK[rows], weights
+        )
+        np.testing.assert_allclose(losses[rows], losses_ref, **LOSS_TOL)
+        _assert_e5m2_close(g8[rows], g8_ref)
