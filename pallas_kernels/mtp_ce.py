@@ -16,11 +16,12 @@ log-sum-exp and a gather of the K target logits outside the kernel. The
 kernel is a portable `pallas_call` with BlockSpecs, so `interpret=True` runs it
 on CPU.
 
-The Triton lowering addresses a buffer of under 2³² bytes with 32-bit signed
-offsets, so a one-byte gradient of 2³¹ entries or more (49,152 × 50,304 is
-2.47·10⁹: record #77's last stages) would be written through wrapped, negative
-offsets. Such a gradient is made by several calls over row ranges, each under
-2³¹ entries, and joined.
+The gradient leaves the kernel as uint16 pairs of e5m2 bytes, even column low,
+[N, V/2], and is viewed as float8_e5m2 [N, V] outside. The Triton lowering
+addresses a buffer of under 2³² bytes with 32-bit signed offsets: a one-byte
+[N, V] output of 2³¹ entries or more (49,152 × 50,304 is 2.47·10⁹: record #77's
+last stages) would be written through wrapped, negative offsets, while a
+two-byte one under 2³² bytes has under 2³¹ entries.
 """
 
 import dataclasses
@@ -36,7 +37,6 @@ from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634
-MAX_GRAD_ENTRIES = 2**31 - 1  # per call: 32-bit signed offsets into the e5m2 gradient
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,8 +92,8 @@ def _mtp_ce_kernel(logits_ref, *refs, n_terms: int, c: float, grad_scale: float,
 
     # The pass is bound by arithmetic, not memory: exponentials are base 2 with the scales folded
     # into one multiply-add, the divisions by constants are multiplies.
-    def sigmoid(start, size):
-        l = logits_ref[:, pl.ds(start, size)].astype(jnp.bfloat16).astype(_F32)
+    def sigmoid(start, size, stride=1):
+        l = logits_ref[:, pl.ds(start, size, stride)].astype(jnp.bfloat16).astype(_F32)
         return 1.0 / (1.0 + jnp.exp2(l * (-_LOG2E / 7.5) - 5 * _LOG2E / 7.5))
 
     def add_exp(acc, start, size):
@@ -107,14 +107,21 @@ def _mtp_ce_kernel(logits_ref, *refs, n_terms: int, c: float, grad_scale: float,
     weights = [r[...] for r in weight_refs]
     total_w = total_w_ref[...]
 
-    def write_grad(carry, start, size):
-        sig = sigmoid(start, size)
-        cols = start + lax.broadcasted_iota(jnp.int32, sig.shape, 1)
+    def grad_bytes(first, size):
+        """The e5m2 gradient of columns first, first + 2, …, as uint16 (one byte used)."""
+        sig = sigmoid(first, size, 2)
+        cols = first + 2 * lax.broadcasted_iota(jnp.int32, sig.shape, 1)
         hit = jnp.zeros(sig.shape, _F32)
         for t, w in zip(targets, weights):
             hit = hit + jnp.where(cols == t[:, None], w[:, None], 0.0)
         dz = total_w[:, None] * jnp.exp2(sig * (c * _LOG2E) - lse2[:, None]) - hit
-        grad_ref[:, pl.ds(start, size)] = (dz * (sig - sig * sig) * dl_scale).astype(grad_ref.dtype)
+        g8 = (dz * (sig - sig * sig) * dl_scale).astype(jnp.float8_e5m2)
+        return lax.bitcast_convert_type(g8, jnp.uint8).astype(jnp.uint16)
+
+    def write_grad(carry, start, size):
+        pair = start // 2 if isinstance(start, int) else lax.div(start, 2)
+        even, odd = grad_bytes(start, size // 2), grad_bytes(start + 1, size // 2)
+        grad_ref[:, pl.ds(pair, size // 2)] = even | (odd << 8)
         return carry
 
     _over_columns(write_grad, 0, v, block_v)
@@ -162,53 +169,30 @@ def mtp_ce(
     targets_NK = targets_NK.astype(jnp.int32)
     w_NK = jnp.where(targets_NK >= 0, weights_K.astype(_F32)[None, :], 0.0)
     total_w_N = _weighted_sum(jnp.where(targets_NK >= 0, 1.0, 0.0), weights_K.astype(_F32))
-    row_inputs = (
+    if v % 2:
+        raise ValueError(f"the vocabulary ({v}) must be even: the gradient leaves the kernel in column pairs")
+    row = pl.BlockSpec((bs.block_n,), lambda i: (i,))
+    lse_N, pairs_NV2 = pl.pallas_call(
+        functools.partial(
+            _mtp_ce_kernel, n_terms=n_terms, c=c, grad_scale=float(grad_scale), block_v=bs.block_v
+        ),
+        grid=(n // bs.block_n,),
+        in_specs=[pl.BlockSpec((bs.block_n, v), lambda i: (i, 0))] + [row] * (2 * n_terms + 1),
+        out_specs=[row, pl.BlockSpec((bs.block_n, v // 2), lambda i: (i, 0))],
+        out_shape=[out_struct(logits_NV, (n,), _F32), out_struct(logits_NV, (n, v // 2), jnp.uint16)],
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=1),
+        interpret=interpret,
+        name="mtp_ce",
+    )(
+        logits_NV,
         *(targets_NK[:, k] for k in range(n_terms)),
         *(w_NK[:, k] for k in range(n_terms)),
         total_w_N,
     )
-    kernel = functools.partial(
-        _mtp_ce_kernel, n_terms=n_terms, c=c, grad_scale=float(grad_scale), block_v=bs.block_v
-    )
-    parts = [
-        _call_rows(kernel, bs, logits_NV, row_inputs, start, rows, interpret)
-        for start, rows in _row_ranges(n, v, bs.block_n)
-    ]
-    lse_N = jnp.concatenate([lse for lse, _ in parts])
-    grad_NV = jnp.concatenate([grad for _, grad in parts])
+    grad_NV = lax.bitcast_convert_type(pairs_NV2, jnp.float8_e5m2).reshape(n, v)
     l_target_NK = _as_bf16(jnp.take_along_axis(logits_NV, jnp.maximum(targets_NK, 0), axis=-1))
     ce_NK = jnp.where(targets_NK >= 0, lse_N[:, None] - c * jax.nn.sigmoid((l_target_NK + 5) / 7.5), 0.0)
     return _weighted_sum(ce_NK, weights_K.astype(_F32)), ce_NK, grad_NV
-
-
-def _row_ranges(n: int, v: int, block_n: int) -> list[tuple[int, int]]:
-    """(start, rows) ranges of whole blocks covering N, each with under `MAX_GRAD_ENTRIES` entries."""
-    max_blocks = MAX_GRAD_ENTRIES // (v * block_n)
-    if max_blocks == 0:
-        raise ValueError(f"one block of {block_n} rows × {v} columns is over {MAX_GRAD_ENTRIES} entries")
-    n_blocks = n // block_n
-    n_calls = -(-n_blocks // max_blocks)
-    per_call = -(-n_blocks // n_calls)
-    return [(b * block_n, min(per_call, n_blocks - b) * block_n) for b in range(0, n_blocks, per_call)]
-
-
-def _call_rows(kernel, bs: BlockSizes, logits_NV, row_inputs, start: int, rows: int, interpret: bool):
-    """The kernel over rows [start, start + rows): lse [rows] and the e5m2 gradient [rows, V]."""
-    v, first = logits_NV.shape[1], start // bs.block_n
-    row_in = pl.BlockSpec((bs.block_n,), lambda i: (i + first,))
-    rows_in = pl.BlockSpec((bs.block_n, v), lambda i: (i + first, 0))
-    row_out = pl.BlockSpec((bs.block_n,), lambda i: (i,))
-    rows_out = pl.BlockSpec((bs.block_n, v), lambda i: (i, 0))
-    return pl.pallas_call(
-        kernel,
-        grid=(rows // bs.block_n,),
-        in_specs=[rows_in] + [row_in] * len(row_inputs),
-        out_specs=[row_out, rows_out],
-        out_shape=[out_struct(logits_NV, (rows,), _F32), out_struct(logits_NV, (rows, v), jnp.float8_e5m2)],
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=1),
-        interpret=interpret,
-        name="mtp_ce",
-    )(logits_NV, *row_inputs)
 
 
 def _as_bf16(l):

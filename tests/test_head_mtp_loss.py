@@ -106,29 +106,10 @@ def test_ce_pass_rounds_float32_logits_as_it_reads_them(impl):
     chex.assert_trees_all_equal(run(logits, *args), run(logits.astype(jnp.bfloat16), *args))
 
 
-def test_record_sized_gradient_is_split_under_2_31_entries_a_call():
-    """49,152 × 50,304 e5m2 entries (record #77's last stages) are too many for one call's 32-bit
-    offsets: the row ranges must cover N in order, each under 2^31 entries."""
-    for n, v, block_n in [(49152, 50304, 1), (49152, 50304, 8), (32768, 50304, 1), (16, 300, 4)]:
-        ranges = mtp_ce_kernel._row_ranges(n, v, block_n)
-        assert [s for s, _ in ranges] == list(np.cumsum([0] + [r for _, r in ranges[:-1]]))
-        assert sum(r for _, r in ranges) == n
-        assert all(r % block_n == 0 and r * v < 2**31 for _, r in ranges)
-        assert len(ranges) == (2 if n * v >= 2**31 else 1), (n, v)
-
-
-def test_calls_over_row_ranges_equal_one_call(monkeypatch):
-    """Forced into three calls, the kernel gives what one call gives, bit for bit."""
-    logits = (8.0 * jax.random.normal(jax.random.key(5), (N, V))).astype(jnp.bfloat16)
-    _, _, t = _inputs(15)
-    args = (logits, head_mtp_loss.shifted_targets(t, T, 3), jnp.array(WEIGHTS[3]))
-    kw = {"cap_value": 23.0, "grad_scale": SCALES.grad_scale}
-    one = CE_PASSES["pallas"](*args, **kw)
-    monkeypatch.setattr(mtp_ce_kernel, "MAX_GRAD_ENTRIES", 4 * 8 * V)  # 4 blocks of 8 rows a call
-    mtp_ce_kernel.mtp_ce.clear_cache()
-    assert len(mtp_ce_kernel._row_ranges(N, V, 8)) == 3
-    chex.assert_trees_all_equal(CE_PASSES["pallas"](*args, **kw), one)
-    mtp_ce_kernel.mtp_ce.clear_cache()
+def test_ce_pass_wants_an_even_vocabulary():
+    logits = jnp.zeros((8, 301), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"vocabulary \(301\) must be even"):
+        CE_PASSES["pallas"](logits, jnp.zeros((8, 1), jnp.int32), jnp.ones(1), cap_value=23.0, grad_scale=1.0)
 
 
 def test_shifted_targets_stop_at_the_row_end():
@@ -288,7 +269,7 @@ def test_compiled_kernel_at_the_records_vocabulary(n_terms):
 @pytest.mark.gpu
 def test_compiled_kernel_past_2_31_gradient_entries():
     """At 49,152 × 50,304 (record #77's stage 2 on one GPU) the last rows, past 2^31 entries, match
-    autodiff: one call would write them through wrapped 32-bit offsets."""
+    autodiff: one-byte entries there would be written through wrapped 32-bit offsets."""
     n, v, tail = 49152, 50304, 512
     logits = (4.0 * jax.random.normal(jax.random.key(53), (n, v))).astype(jnp.bfloat16)
     t = jax.random.randint(jax.random.key(54), (n,), 0, v)
