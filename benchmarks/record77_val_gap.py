@@ -5,7 +5,7 @@
 
 Trains the first `--steps` steps of the real schedule from each seed's init, on the same data, twice:
 with record77's defaults (the fast kernels) and with CORRECT_FIRST (the kernels checked against
-PyTorch first: Triton attention, XLA MLP and norm). Each set's steps compile once and serve every
+PyTorch first: Triton attention, XLA MLP, norm and loss pass). Each set's steps compile once and serve every
 seed. Prints each seed's val losses and their gap (fast − correct-first), then the mean gap with its
 standard error across seeds and whether the runs show the gap within `--bound` (|mean| + 2·SE ≤
 bound), show it outside (|mean| − 2·SE > bound), or cannot tell. Writes record77_val_gap.json and a
@@ -31,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.record77_gpu import _config, _session
 
-CORRECT_FIRST = ("model.kernels.attention=pallas", "model.kernels.mlp=xla", "model.kernels.norm=xla")
+CORRECT_FIRST = (
+    "model.kernels.attention=pallas",
+    "model.kernels.mlp=xla",
+    "model.kernels.norm=xla",
+    "model.kernels.loss=xla_fused",
+)
 
 
 def gap_summary(fast: list[float], first: list[float], bound: float) -> dict:

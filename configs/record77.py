@@ -77,7 +77,7 @@ def get_config() -> Config:
             ),
             # On Hopper: Mosaic attention with documents, the Mosaic MLP, the Pallas norm backward;
             # the FP8 head and its multi-token loss as one custom VJP.
-            kernels=KernelConfig(attention="auto", mlp="auto", loss="xla_fused", norm="auto"),
+            kernels=KernelConfig(attention="auto", mlp="auto", loss="auto", norm="auto"),
         ),
         optim=OptimConfig(
             kind="normuon_adam",

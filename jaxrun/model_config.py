@@ -160,6 +160,10 @@ class HeadConfig:
     multi_token: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
 
 
+# The softcaps each loss pass takes for a head without FP8 or multi-token loss (None: any).
+_LOSS_CAPS = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}
+
+
 @dataclass(frozen=True, kw_only=True)
 class KernelConfig:
     """Which implementation runs each kernel (jaxrun/model/kernels.py); the model never branches on it."""
@@ -177,7 +181,9 @@ class KernelConfig:
     # "xla_fused": head + softcap ('isru', 'tanh') + CE as one custom VJP in XLA, no f32 [N, V];
     # "pallas": one Pallas kernel, no [N, V] logits at all ('isru' only). Neither: FP8 or multi-token,
     # except record #77's FP8 'sigmoid' head, where both fuse its training loss (head_mtp_loss.py).
-    loss: Literal["xla", "xla_fused", "pallas"] = "xla"
+    # "auto" (`ModelConfig.loss_impl`): for that head "pallas" on a GPU and "xla_fused" elsewhere; for
+    # other heads "xla_fused" where it applies, "xla" otherwise.
+    loss: Literal["auto", "xla", "xla_fused", "pallas"] = "xla"
     # "pallas": RMSNorm's backward and the residual stream's gradient in one pass (pallas_kernels/
     # rms_norm_bwd.py). "auto": that kernel on a GPU where it applies, XLA elsewhere.
     norm: Literal["auto", "xla", "pallas"] = "xla"
@@ -231,7 +237,7 @@ class ModelConfig:
             ("auto", "xla", "cudnn", "pallas", "mosaic"),
         )
         check_choice(node + ".kernels", "mlp", self.kernels.mlp, ("auto", "xla", "pallas", "mosaic"))
-        check_choice(node + ".kernels", "loss", self.kernels.loss, ("xla", "xla_fused", "pallas"))
+        check_choice(node + ".kernels", "loss", self.kernels.loss, ("auto", "xla", "xla_fused", "pallas"))
         check_choice(node + ".kernels", "norm", self.kernels.norm, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "logit_lse", self.kernels.logit_lse, ("auto", "xla", "pallas"))
@@ -288,10 +294,9 @@ class ModelConfig:
                 f"model.mlp.{field}=True quantizes the ReLU² MLP's XLA path: it needs model.mlp.activation="
                 f"'relu2' and model.kernels.mlp='xla' or 'auto', not {self.mlp.activation!r} and {self.kernels.mlp!r}",
             )
-        caps = {"xla": None, "xla_fused": ("isru", "tanh"), "pallas": ("isru",)}[self.kernels.loss]
-        record_head = self.head.fp8 is not None and self.head.softcap == "sigmoid"  # head_mtp_loss
+        caps = _LOSS_CAPS[self.loss_impl(gpu=True)]  # an 'auto' head's pass does not hang on the backend
         check(
-            caps is None or record_head or (self.head.softcap in caps and not self._record_head),
+            caps is None or self._fp8_sigmoid_head or (self.head.softcap in caps and not self._record_head),
             f"model.kernels.loss={self.kernels.loss!r} supports softcap {' or '.join(map(repr, caps or ()))} "
             "without FP8 or multi-token loss, or the FP8 head with softcap 'sigmoid' (model.head.fp8 set, "
             f"multi-token or not), not model.head={self.head}",
@@ -303,7 +308,20 @@ class ModelConfig:
     def logit_pass_fits(self) -> bool:
         """Whether `kernels.logit_lse/logit_grad='pallas'` apply: the fused XLA head loss without
         FP8 over a vocabulary that is a multiple of 128."""
-        return self.kernels.loss == "xla_fused" and self.head.fp8 is None and self.vocab_size % 128 == 0
+        return (
+            self.loss_impl(gpu=True) == "xla_fused" and self.head.fp8 is None and self.vocab_size % 128 == 0
+        )
+
+    def loss_impl(self, gpu: bool) -> str:
+        """`kernels.loss` with "auto" resolved: record #77's FP8 'sigmoid' head takes the Pallas pass
+        on a GPU (faster: docs/PERF.md) and the fused XLA pass elsewhere; another head takes the
+        fused XLA pass where its softcap allows, plain autodiff otherwise."""
+        if self.kernels.loss != "auto":
+            return self.kernels.loss
+        if self._fp8_sigmoid_head:
+            return "pallas" if gpu else "xla_fused"
+        fused = self.head.softcap in _LOSS_CAPS["xla_fused"] and not self._record_head
+        return "xla_fused" if fused else "xla"
 
     @property
     def mosaic_mlp_fits(self) -> bool:
@@ -331,6 +349,11 @@ class ModelConfig:
     @property
     def _record_head(self) -> bool:
         return self.head.fp8 is not None or bool(self.head.multi_token)
+
+    @property
+    def _fp8_sigmoid_head(self) -> bool:
+        """Record #77's head, whose training loss is fused by `head_mtp_loss` under any loss pass."""
+        return self.head.fp8 is not None and self.head.softcap == "sigmoid"
 
     def _check_rope(self) -> None:
         rope = self.attn.rope

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxrun.config import ConfigError, FP8HeadConfig, HeadConfig, KernelConfig, ModelConfig
-from jaxrun.model import head, head_mtp_loss
+from jaxrun.model import head, head_mtp_loss, kernels
 from jaxrun.model.attention import Mode
 from pallas_kernels import mtp_ce as mtp_ce_kernel
 
@@ -245,6 +245,27 @@ def test_kernel_switch_rejects_what_cannot_fuse():
         )
     with pytest.raises(ConfigError, match=r"model.kernels.loss='pallas' .*softcap='tanh'"):
         ModelConfig(head=HeadConfig(softcap="tanh", fp8=SCALES), kernels=KernelConfig(loss="pallas"))
+
+
+def test_auto_loss_pass_is_the_kernel_on_a_gpu_for_the_record_head_only():
+    """`kernels.loss="auto"`: the Pallas pass for the FP8 'sigmoid' head on a GPU, the fused XLA pass
+    off one; other heads the fused XLA pass where their softcap allows it, plain autodiff otherwise."""
+    record = _record_head("auto")
+    assert (record.loss_impl(gpu=True), record.loss_impl(gpu=False)) == ("pallas", "xla_fused")
+    for softcap, fp8, multi_token, want in [
+        ("isru", None, (), "xla_fused"),
+        ("tanh", None, (), "xla_fused"),
+        ("none", None, (), "xla"),
+        ("tanh", SCALES, (), "xla"),
+        ("isru", None, (((1.0,), (1.0,)),), "xla"),
+    ]:
+        cfg = ModelConfig(
+            head=HeadConfig(softcap=softcap, fp8=fp8, multi_token=multi_token),
+            kernels=KernelConfig(loss="auto"),
+        )
+        assert cfg.loss_impl(gpu=True) == cfg.loss_impl(gpu=False) == want, (softcap, fp8, multi_token)
+    on_this_backend = "xla_fused" if kernels.interpret() else "pallas"
+    assert kernels.resolved(record, documents=True)["loss"] == on_this_backend
 
 
 @pytest.mark.gpu

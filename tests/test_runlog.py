@@ -248,15 +248,17 @@ def test_simple_runs_its_pallas_passes_on_a_gpu_only(monkeypatch):
 )
 def test_record77_runs_its_mosaic_kernels_on_hopper_only(capability, attention, mlp, monkeypatch):
     """record77's documents rule out cuDNN: on Hopper `auto` runs every attention pass and the MLP's
-    GEMMs in Mosaic GPU, on an older GPU the Triton attention and the XLA MLP; the CPU runs XLA."""
+    GEMMs in Mosaic GPU, on an older GPU the Triton attention and the XLA MLP, and on any GPU the
+    Pallas loss pass; the CPU runs XLA."""
     record77 = launch.load_config("record77").model
     on_cpu = kernels.resolved(record77, documents=True)
     assert on_cpu["attention"] == on_cpu["mlp"] == on_cpu["norm"] == "xla"
+    assert on_cpu["loss"] == "xla_fused"
     _fake_gpu(monkeypatch, capability)
     assert kernels.resolved(record77, documents=True) == {
         "attention": attention,
         "mlp": mlp,
-        "loss": "xla_fused",
+        "loss": "pallas",
         "norm": "pallas",
         "logit_lse": "xla",  # record77's FP8 head: the logit passes do not apply
         "logit_grad": "xla",

@@ -159,6 +159,12 @@ def mlp_impl(cfg: ModelConfig) -> str:
     return "mosaic" if cfg.mosaic_mlp_fits and on_hopper() else "xla"
 
 
+def loss_impl(cfg: ModelConfig) -> str:
+    """`kernels.loss` on this backend (`ModelConfig.loss_impl`): `auto` is the Pallas pass for
+    record #77's FP8 head on a GPU."""
+    return cfg.loss_impl(gpu=jax.default_backend() == "gpu")
+
+
 def qkv_impl(cfg: ModelConfig) -> str:
     """`kernels.qkv` on this backend: `auto` is the Pallas backward on a GPU where it applies
     (`ModelConfig.fused_qkv_fits`), XLA elsewhere."""
@@ -174,7 +180,7 @@ def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
     return {
         "attention": attention,
         "mlp": mlp_impl(cfg),
-        "loss": k.loss,
+        "loss": loss_impl(cfg),
         "norm": norm_impl(cfg),
         "logit_lse": logit_lse_impl(cfg),
         "logit_grad": logit_grad_impl(cfg),
@@ -278,7 +284,7 @@ def fused_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
     }
     if any(passes.values()):
         return functools.partial(head_loss.softcap_ce, **passes)
-    return _LOSS.get(cfg.kernels.loss)
+    return _LOSS.get(loss_impl(cfg))
 
 
 def _mtp_ce_pallas(logits_NV, targets_NK, weights_K, *, cap_value, grad_scale):
@@ -306,7 +312,7 @@ def fp8_head_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
     None for the plain autodiff path ("xla") or a head without FP8."""
     from jaxrun.model import head_mtp_loss  # it reads head.py's FP8 pieces; head.py imports this module
 
-    ce = _FP8_HEAD_CE.get(cfg.kernels.loss)
+    ce = _FP8_HEAD_CE.get(loss_impl(cfg))
     if ce is None or cfg.head.fp8 is None:
         return None
     return functools.partial(head_mtp_loss.fp8_mtp_loss, ce=ce)
