@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu_mosaic
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import relu2_mgpu
+from pallas_kernels import gemm_mgpu, relu2_mgpu
 from pallas_kernels.shapes import out_struct
 
 _F32 = jnp.float32
@@ -273,7 +273,7 @@ def relu2_mlp(
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
     if gemms == "mosaic":  # relu2_mgpu checks its own shapes; the Triton tiling is unused
-        bs, rows = None, relu2_mgpu.row_multiple()
+        bs, rows = None, gemm_mgpu.row_multiple()
     else:
         bs = _fit(block_sizes or BlockSizes.get_default(), n, d, w1.shape[1], x.dtype.itemsize)
         rows = bs.block_m
