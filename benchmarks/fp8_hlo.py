@@ -2,7 +2,7 @@
 
   python benchmarks/fp8_hlo.py [--tokens 49152] [--loss xla_fused|xla]
   python benchmarks/fp8_hlo.py --accumulation [--k 4096,16384,65536]
-  python benchmarks/fp8_hlo.py --forms [--tokens 49152]
+  python benchmarks/fp8_hlo.py --forms [--tokens 49152] [--mosaic-tiles 128x128x128x4,...]
 
 The record runs its lm_head as three FP8 GEMMs (torch._scaled_mm): e4m3 × e4m3 forward, and e5m2 × e4m3
 for the input's and the weight's gradients. jaxrun writes each as a `dot_general` of float8 operands with
@@ -18,8 +18,8 @@ accumulates at each precision: its error against the float32 sum of the same pro
 float32), relative to the largest entry. Fast accumulation (DEFAULT on a GPU) grows with K; HIGHEST
 should stay flat. On a CPU both are exact.
 
-`--forms` times the forward GEMM written four ways (FORWARD_FORMS) at `--tokens` × 768 × 50304 and
-prints, for each, the result type of its FP8 GEMMs (none: XLA did not make one) and its logits' error
+`--forms` times the forward GEMM written five ways (FORWARD_FORMS; the Mosaic kernel at each of
+`--mosaic-tiles`) at `--tokens` × 768 × 50304 and prints, for each, the result type of its FP8 GEMMs (none: XLA did not make one) and its logits' error
 against the exact float32 product (the largest and the mean, each relative to the logits' largest and
 mean size): a bf16 result lets the GEMM write the logits itself, instead of a float32 [N, V] that a
 second pass converts.
@@ -120,13 +120,17 @@ FORWARD_FORMS = {
     "bf16_result": "the sums rounded to bf16 by the GEMM; the reader scales them in float32",
     "bf16_dequantized": "operands dequantized in bf16 (scales rounded to bf16), bf16 result",
     "f32_dequantized": "operands dequantized in float32, bf16 result",
+    "mosaic": "Mosaic GPU kernel: float32 sums scaled in its epilogue, bf16 stored (fp8_logits_mgpu.py)",
 }
 
 
-def forward_form(name: str, x_scale: float, w_scale: float):
-    """`fn(x8 [N, D], w8 [D, V]) -> bf16 [N, V]`, what the GEMM returns, for a FORWARD_FORMS entry."""
+def forward_form(name: str, x_scale: float, w_scale: float, tiles=None):
+    """`fn(x8 [N, D], w8 [D, V]) -> bf16 [N, V]`, what the GEMM returns, for a FORWARD_FORMS entry
+    (`tiles`: the Mosaic kernel's, default its own)."""
     import jax
     import jax.numpy as jnp
+
+    from pallas_kernels import fp8_logits_mgpu
 
     bf16, f32 = jnp.bfloat16, jnp.float32
 
@@ -140,12 +144,24 @@ def forward_form(name: str, x_scale: float, w_scale: float):
             return dot(x8, w8, bf16)
         if name == "bf16_dequantized":
             return dot(x8.astype(bf16) * bf16(x_scale), w8.astype(bf16) * bf16(w_scale), bf16)
+        if name == "mosaic":  # the weight K-major, as the model passes it
+            return fp8_logits_mgpu.fp8_logits(
+                x8, w8.T, scale=x_scale * w_scale, tiles=tiles or fp8_logits_mgpu.TILES
+            )
         return dot(x8.astype(f32) * x_scale, w8.astype(f32) * w_scale, bf16)
 
     return fn
 
 
-def forms(tokens: int) -> None:
+def _tiles(spec: str):
+    """'128x128x128x4' -> Tiles(tile_m, tile_n, tile_k, stages)."""
+    from pallas_kernels.gemm_mgpu import Tiles
+
+    tm, tn, tk, st = (int(x) for x in spec.split("x"))
+    return Tiles(tile_m=tm, tile_n=tn, tile_k=tk, stages=st)
+
+
+def forms(tokens: int, mosaic_tiles: list[str]) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -170,16 +186,23 @@ def forms(tokens: int) -> None:
     exact = exact_dot(x8, w8) * (s.x_scale * s.w_scale)
     print(f"the forward FP8 GEMM, {tokens} × 768 × 50304, on {jax.devices()[0].device_kind}")
     print("  error: max |logit - exact| / max |exact|, and mean |logit - exact| / mean |exact|")
-    for name, what in FORWARD_FORMS.items():
-        compiled = jax.jit(forward_form(name, s.x_scale, s.w_scale)).lower(x8, w8).compile()
-        out = compiled(x8, w8).astype(jnp.float32)
-        logits = out * (s.x_scale * s.w_scale) if name == "bf16_result" else out
+    print("  same: the share of logits equal to f32_result's (record77's XLA forward)")
+    runs = [(name, what, None) for name, what in FORWARD_FORMS.items() if name != "mosaic"]
+    runs += [(f"mosaic {t}", FORWARD_FORMS["mosaic"], _tiles(t)) for t in mosaic_tiles]
+    today = None
+    for name, what, tiles in runs:
+        form = forward_form(name.split()[0], s.x_scale, s.w_scale, tiles)
+        compiled = jax.jit(form).lower(x8, w8).compile()
+        out = compiled(x8, w8)
+        today = out if today is None else today  # f32_result runs first
+        logits = out.astype(jnp.float32) * (s.x_scale * s.w_scale if name == "bf16_result" else 1.0)
         err = jnp.abs(logits - exact)
+        same = float(jnp.mean(logits.astype(jnp.bfloat16) == today))
         ms = time_it(compiled, (x8, w8))[0]
         gemms = ", ".join(fp8_gemm_results(compiled.as_text())) or "none"
         print(
             f"  {name:17s} {ms:7.3f} ms  FP8 GEMM result: {gemms:5s}  error max {float(err.max() / jnp.abs(exact).max()):.1e}"
-            f" mean {float(err.mean() / jnp.abs(exact).mean()):.1e}  ({what})"
+            f" mean {float(err.mean() / jnp.abs(exact).mean()):.1e}  same {same:.4f}  ({what})"
         )
 
 
@@ -191,12 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         "--accumulation", action="store_true", help="measure the FP8 GEMM's accumulation error instead"
     )
     p.add_argument("--k", default="4096,16384,65536", help="--accumulation: token counts K")
-    p.add_argument("--forms", action="store_true", help="time the forward GEMM written four ways instead")
+    p.add_argument("--forms", action="store_true", help="time the forward GEMM written five ways instead")
+    p.add_argument(
+        "--mosaic-tiles",
+        default="128x128x128x4",
+        help="--forms: the Mosaic kernel's tilings, tile_m x tile_n x tile_k x stages, comma-separated",
+    )
     a = p.parse_args(argv)
     import jax
 
     if a.forms:
-        forms(a.tokens)
+        forms(a.tokens, a.mosaic_tiles.split(","))
         return 0
 
     if a.accumulation:

@@ -197,6 +197,11 @@ class KernelConfig:
     # writes [dq | dk | dv] with the biases' column sums, then one GEMM per gradient
     # (pallas_kernels/qkv_grad.py, jaxrun/model/qkv.py). "auto": as for norm.
     qkv: Literal["auto", "xla", "pallas"] = "xla"
+    # The FP8 head's forward GEMM under the fused loss (record #77's head): "xla" writes float32
+    # logits (cuBLASLt keeps the scale exact only so); "mosaic" a Hopper kernel that scales the
+    # float32 sums and writes bf16 logits, as the record's `_scaled_mm` (pallas_kernels/
+    # fp8_logits_mgpu.py; model width and vocabulary multiples of 128).
+    fp8_logits: Literal["xla", "mosaic"] = "xla"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +247,7 @@ class ModelConfig:
         check_choice(node + ".kernels", "logit_grad", self.kernels.logit_grad, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "logit_lse", self.kernels.logit_lse, ("auto", "xla", "pallas"))
         check_choice(node + ".kernels", "qkv", self.kernels.qkv, ("auto", "xla", "pallas"))
+        check_choice(node + ".kernels", "fp8_logits", self.kernels.fp8_logits, ("xla", "mosaic"))
         for name in ("vocab_size", "num_layers", "model_dim", "head_dim", "mlp_ratio", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
         check(
@@ -300,6 +306,19 @@ class ModelConfig:
             f"model.kernels.loss={self.kernels.loss!r} supports softcap {' or '.join(map(repr, caps or ()))} "
             "without FP8 or multi-token loss, or the FP8 head with softcap 'sigmoid' (model.head.fp8 set, "
             f"multi-token or not), not model.head={self.head}",
+        )
+        check(
+            self.kernels.fp8_logits != "mosaic"
+            or (
+                self._fp8_sigmoid_head
+                and self.kernels.loss != "xla"
+                and self.model_dim % 128 == 0
+                and self.vocab_size % 128 == 0
+            ),
+            "model.kernels.fp8_logits='mosaic' is the forward GEMM of the fused FP8 head loss (model.head.fp8 "
+            "set, softcap 'sigmoid', model.kernels.loss not 'xla') over a model width and vocabulary that "
+            f"are multiples of 128, not loss={self.kernels.loss!r}, model_dim={self.model_dim}, "
+            f"vocab_size={self.vocab_size}, head={self.head}",
         )
         self._check_rope()
         self._check_layers()

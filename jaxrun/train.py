@@ -210,7 +210,7 @@ def _check_kernels_can_train(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             "shard_map. Use 'xla' or 'auto' here (model.loss still runs the kernels interpreted, for checks)."
         )
     hopper_only = ", ".join(
-        f"model.kernels.{n}='mosaic'" for n in ("mlp", "attention") if getattr(k, n) == "mosaic"
+        f"model.kernels.{n}='mosaic'" for n in ("mlp", "attention", "fp8_logits") if getattr(k, n) == "mosaic"
     )
     if hopper_only and not model_kernels.on_hopper(device):
         raise ConfigError(

@@ -29,7 +29,8 @@ def test_fp8_gemm_results_read_each_custom_calls_output_type():
 def test_forward_forms_give_the_logits_within_a_bf16_rounding():
     """Each way of writing the forward GEMM (`fp8_hlo.py --forms`) returns bf16 and, scaled as its
     reader would, the float32 product within one bf16 rounding. Not the bf16-dequantized form: the CPU
-    sums a dot of bf16 operands in bf16 (a GPU's GEMM sums in float32)."""
+    sums a dot of bf16 operands in bf16 (a GPU's GEMM sums in float32). Nor the Mosaic kernel, a
+    Hopper GEMM over whole tiles: tests/pallas_kernels/test_fp8_logits_mgpu.py checks it."""
     import jax
     import jax.numpy as jnp
 
@@ -42,7 +43,7 @@ def test_forward_forms_give_the_logits_within_a_bf16_rounding():
         2.0 * jax.random.normal(k[0], (64, 96)), 0.02 * jax.random.normal(k[1], (96, 80)), s
     )
     exact = (x8.astype(jnp.float32) @ w8.astype(jnp.float32)) * (s.x_scale * s.w_scale)
-    for name in fp8_hlo.FORWARD_FORMS:
+    for name in set(fp8_hlo.FORWARD_FORMS) - {"mosaic"}:
         out = fp8_hlo.forward_form(name, s.x_scale, s.w_scale)(x8, w8)
         assert out.dtype == jnp.bfloat16, name
         logits = out.astype(jnp.float32) * (s.x_scale * s.w_scale if name == "bf16_result" else 1.0)

@@ -247,6 +247,44 @@ def test_kernel_switch_rejects_what_cannot_fuse():
         ModelConfig(head=HeadConfig(softcap="tanh", fp8=SCALES), kernels=KernelConfig(loss="pallas"))
 
 
+def test_mosaic_logits_gemm_gives_the_xla_gemms_losses_and_gradients():
+    """`kernels.fp8_logits="mosaic"` (in the Mosaic GPU simulator here) rounds the same float32 sums,
+    times the same scale, to the bf16 logits the XLA GEMM's float32 result is read as."""
+    n, d, v = 256, 128, 384  # the kernel's tiles: N of 256 rows, K and V of 128
+    k = jax.random.split(jax.random.key(61), 3)
+    h = (3.0 * jax.random.normal(k[0], (n, d))).astype(jnp.bfloat16)
+    w = 0.25 * jax.random.normal(k[1], (d, v))
+    t = jax.random.randint(k[2], (n,), 0, v)
+    weights = jnp.array(WEIGHTS[3])
+
+    def value_and_grad(fp8_logits):
+        cfg = dataclasses.replace(
+            _record_head("xla_fused"),
+            vocab_size=v,
+            model_dim=d,
+            kernels=KernelConfig(loss="xla_fused", fp8_logits=fp8_logits),
+        )
+        loss = kernels.fp8_head_loss(cfg)
+        fn = lambda h, w: loss(h, w, t, weights, row_len=T, scales=SCALES, cap_value=23.0).sum()
+        assert ("fp8_logits_mgpu" in str(jax.make_jaxpr(fn)(h, w))) == (fp8_logits == "mosaic")
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(h, w)
+
+    loss_ref, grads_ref = value_and_grad("xla")
+    loss_m, grads_m = value_and_grad("mosaic")
+    np.testing.assert_allclose(loss_m, loss_ref, rtol=1e-5)
+    for name, a, e in zip(("dh", "dw"), grads_m, grads_ref):
+        _close(name, a, e, GRAD_TOL)
+
+
+def test_mosaic_logits_gemm_wants_the_fused_fp8_head_and_its_tiles():
+    with pytest.raises(
+        ConfigError, match=r"fp8_logits='mosaic' .* not loss='xla', model_dim=64, vocab_size=300"
+    ):
+        dataclasses.replace(_record_head("xla"), kernels=KernelConfig(loss="xla", fp8_logits="mosaic"))
+    with pytest.raises(ConfigError, match=r"fp8_logits='mosaic' .* vocab_size=300"):
+        dataclasses.replace(_record_head("pallas"), kernels=KernelConfig(loss="pallas", fp8_logits="mosaic"))
+
+
 def test_auto_loss_pass_is_the_kernel_on_a_gpu_for_the_record_head_only():
     """`kernels.loss="auto"`: the Pallas pass for the FP8 'sigmoid' head on a GPU, the fused XLA pass
     off one; other heads the fused XLA pass where their softcap allows it, plain autodiff otherwise."""

@@ -240,6 +240,7 @@ def test_simple_runs_its_pallas_passes_on_a_gpu_only(monkeypatch):
         "logit_lse": "pallas",
         "logit_grad": "pallas",
         "qkv": "pallas",
+        "fp8_logits": "xla",
     }
 
 
@@ -263,4 +264,5 @@ def test_record77_runs_its_mosaic_kernels_on_hopper_only(capability, attention, 
         "logit_lse": "xla",  # record77's FP8 head: the logit passes do not apply
         "logit_grad": "xla",
         "qkv": "xla",  # interleaved RoPE
+        "fp8_logits": "xla",
     }

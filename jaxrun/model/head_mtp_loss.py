@@ -41,6 +41,9 @@ IGNORE_INDEX = -1
 # is the record's bf16 logits, or their float32 values before the rounding, which the pass then does
 # as it reads them.
 CEFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+# (x8_ND, w8_DV, scales) -> logits_NV: the forward FP8 GEMM, rescaled; float32 before the bf16
+# rounding (`head.fp8_logits_unrounded`) or bf16 (a kernel that rounds as it stores).
+LogitsFn = Callable[[jax.Array, jax.Array, FP8HeadConfig], jax.Array]
 
 
 def shifted_targets(targets_N: jax.Array, row_len: int, n_terms: int) -> jax.Array:
@@ -122,6 +125,7 @@ class _Static:
     scales: FP8HeadConfig
     cap_value: float
     ce: CEFn
+    logits: LogitsFn
     row_block: int | None
     varying: tuple[frozenset, ...]  # the shard_map axes h, w and the weights vary over
 
@@ -147,7 +151,7 @@ def _forward(h_ND, w_DV, targets_NK, weights_K, st: _Static):
     ce = functools.partial(st.ce, cap_value=st.cap_value, grad_scale=st.scales.grad_scale)
 
     def rows(x8_RD, targets_RK):
-        return ce(head.fp8_logits_unrounded(x8_RD, w8_DV, st.scales), targets_RK, weights_K)
+        return ce(st.logits(x8_RD, w8_DV, st.scales), targets_RK, weights_K)
 
     n = h_ND.shape[0]
     if st.row_block is None or st.row_block >= n:
@@ -191,6 +195,7 @@ def fp8_mtp_loss(
     scales: FP8HeadConfig,
     cap_value: float = 23.0,
     ce: CEFn = mtp_ce_xla,
+    logits: LogitsFn = head.fp8_logits_unrounded,
     row_block: int | None = None,
 ) -> jax.Array:
     """Per-token loss [N] (float32) of record #77's training head: Σ_k w_k·CE(z_t, target_{t+k}).
@@ -204,6 +209,7 @@ def fp8_mtp_loss(
       scales: the static FP8 scales of x, w and the logit gradient.
       cap_value: c of the cap c·σ((l + 5)/7.5).
       ce: the fused loss-and-gradient pass over bf16 logits, `mtp_ce_xla` or a kernel with its signature.
+      logits: the forward FP8 GEMM, `head.fp8_logits_unrounded` or a kernel with its signature.
       row_block: rows of tokens per GEMM + loss step (a `lax.map`); None: all at once.
 
     Differentiable in `h`, `w` and `weights`.
@@ -212,7 +218,9 @@ def fp8_mtp_loss(
     if row_block is not None and row_block < n and n % row_block:
         raise ValueError(f"row_block={row_block} must divide the {n} tokens")
     targets_NK = shifted_targets(targets_N, row_len, weights_K.shape[0])
-    st = _Static(scales, float(cap_value), ce, row_block, tuple(map(_varying, (h_ND, w_DV, weights_K))))
+    st = _Static(
+        scales, float(cap_value), ce, logits, row_block, tuple(map(_varying, (h_ND, w_DV, weights_K)))
+    )
     return _fp8_mtp_ce(h_ND, w_DV, targets_NK, weights_K.astype(_F32), st)
 
 

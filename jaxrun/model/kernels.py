@@ -185,6 +185,7 @@ def resolved(cfg: ModelConfig, documents: bool) -> dict[str, str]:
         "logit_lse": logit_lse_impl(cfg),
         "logit_grad": logit_grad_impl(cfg),
         "qkv": qkv_impl(cfg),
+        "fp8_logits": k.fp8_logits,
     }
 
 
@@ -315,4 +316,18 @@ def fp8_head_loss(cfg: ModelConfig) -> Callable[..., jax.Array] | None:
     ce = _FP8_HEAD_CE.get(loss_impl(cfg))
     if ce is None or cfg.head.fp8 is None:
         return None
+    if cfg.kernels.fp8_logits == "mosaic":
+        _check_hopper("fp8_logits")
+        return functools.partial(head_mtp_loss.fp8_mtp_loss, ce=ce, logits=_fp8_logits_mosaic)
     return functools.partial(head_mtp_loss.fp8_mtp_loss, ce=ce)
+
+
+def _fp8_logits_mosaic(x8_ND, w8_DV, s):
+    """`head.fp8_logits` as one Mosaic GPU GEMM that writes the bf16 logits (Hopper; the simulator
+    elsewhere): the weight goes K-major, as FP8 wgmma reads it."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.fp8_logits_mgpu import fp8_logits
+
+    sim = plgpu.InterpretGPUParams() if interpret() else None
+    return fp8_logits(x8_ND, w8_DV.T, scale=s.x_scale * s.w_scale, interpret=sim)

@@ -1,0 +1,118 @@
+"""Record #77's FP8 head logits on Hopper: e4m3 × e4m3 in wgmma, rescaled in float32, stored as bf16.
+
+The record's forward head GEMM is `torch._scaled_mm(x8, w8, scale_a, scale_b, out_dtype=bf16)`:
+`logits = bf16(scale · Σ_k x8[n, k]·w8[v, k])`, the scale applied to the float32 sums before the
+one rounding. XLA's cuBLASLt FP8 GEMM writes bf16 only where the dequantizing scales are bf16 or the
+sums are rounded before the scale (docs/PERF.md, "the forward GEMM written four ways"), so jaxrun's
+XLA path writes float32 logits: 9.9 GB at record #77's 49,152 × 50,304, which the loss pass then
+reads. This kernel applies the exact float32 scale in its epilogue and writes the bf16 logits (half
+the bytes), as the record does.
+
+It is `gemm_mgpu.py`'s persistent GEMM over `x8 [N, K]` and `w8 [V, K]` (both K-major, as FP8
+wgmma needs): each consumer's `[tile_m, tile_n]` float32 tile is scaled, rounded to bf16 and stored
+through SMEM by TMA. Shapes: N a multiple of `2·tile_m`, V of `tile_n`, K of `tile_k` (record #77:
+N = 16,384 to 49,152 a micro-batch, K = 768, V = 50,304 = 393 · 128). On CPU it runs in the Mosaic
+GPU simulator (`plgpu.InterpretGPUParams`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gemm_mgpu import (
+    CONSUMERS,
+    Tiles,
+    accumulate,
+    consumer_loop,
+    launch,
+    producer,
+    ring_scratch,
+    schedule,
+    transforms,
+)
+from pallas_kernels.shapes import out_struct
+
+_FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+TILES = Tiles(tile_m=128, tile_n=128, tile_k=128, stages=4)  # 128-byte K slices of FP8
+
+
+def _check(x8_NK, w8_VK, tiles: Tiles) -> None:
+    (n, k), (v, k2) = x8_NK.shape, w8_VK.shape
+    if x8_NK.dtype not in _FP8 or w8_VK.dtype not in _FP8:
+        raise ValueError(
+            f"fp8_logits_mgpu: x and w must be float8 (e4m3 or e5m2), got {x8_NK.dtype} and {w8_VK.dtype}"
+        )
+    if k != k2:
+        raise ValueError(
+            f"fp8_logits_mgpu: x [N, K] and w [V, K] share K, got {x8_NK.shape} and {w8_VK.shape}"
+        )
+    if tiles.tile_k % 128 or tiles.tile_m % 64 or tiles.tile_n % 64 or tiles.stages < 2:
+        raise ValueError(
+            f"fp8_logits_mgpu: tile_k must be a multiple of 128 (a 128-byte FP8 row), tile_m and tile_n "
+            f"of 64, stages at least 2; got {tiles}"
+        )
+    if n % (CONSUMERS * tiles.tile_m) or v % tiles.tile_n or k % tiles.tile_k:
+        raise ValueError(
+            f"fp8_logits_mgpu: need N = {n} a multiple of {CONSUMERS * tiles.tile_m}, V = {v} of "
+            f"{tiles.tile_n} and K = {k} of {tiles.tile_k}"
+        )
+
+
+def fits(n: int, k: int, v: int, tiles: Tiles = TILES) -> bool:
+    """Whether [N, K] × [V, K] tile evenly at `tiles`."""
+    return not (n % (CONSUMERS * tiles.tile_m) or v % tiles.tile_n or k % tiles.tile_k)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+def fp8_logits(x8_NK, w8_VK, *, scale: float, tiles: Tiles = TILES, interpret=None) -> jax.Array:
+    """`bf16(scale · x8 @ w8ᵀ)` [N, V]: float32 sums, times the float32 `scale`, rounded once."""
+    _check(x8_NK, w8_VK, tiles)
+    n, k = x8_NK.shape
+    v = w8_VK.shape[0]
+    sched = schedule(n, k, v, tiles, interpret)
+    tm, tn = tiles.tile_m, tiles.tile_n
+    scale32 = np.float32(scale)  # a literal in the kernel, rounded to float32 as the record's scale
+
+    def kernel(x_ref, w_ref, out_ref):
+        def scoped(ring_smem, out_smem):
+            pid, wg = lax.axis_index("programs"), lax.axis_index("wg")
+
+            def tile_body(i, mi, ni, first):
+                acc = accumulate(ring_smem, wg=wg, first=first, w_rows_are_n=True, sched=sched)
+                out = out_smem.at[wg]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store has left SMEM
+                out[...] = (acc * scale32).astype(out.dtype)
+                plgpu.commit_smem()
+                rows = pl.ds((mi * CONSUMERS + wg) * tm, tm)
+                plgpu.copy_smem_to_gmem(out, out_ref.at[rows, pl.ds(ni * tn, tn)])
+
+            pl.when(wg < CONSUMERS)(lambda: consumer_loop(pid, sched, tile_body))
+            pl.when(wg == CONSUMERS)(
+                lambda: producer(x_ref, w_ref, ring_smem, pid=pid, w_rows_are_n=True, sched=sched)
+            )
+
+        pl.run_scoped(
+            scoped,
+            ring_scratch(x8_NK, w8_VK, tiles, True),
+            plgpu.SMEM((CONSUMERS, tm, tn), jnp.bfloat16, transforms=transforms(jnp.bfloat16)),
+            collective_axes="wg",
+        )
+
+    out_shape = out_struct(x8_NK, (n, v), jnp.bfloat16)
+    return launch(
+        kernel,
+        x8_NK,
+        w8_VK,
+        [],
+        out_shape=out_shape,
+        sched=sched,
+        interpret=interpret,
+        name="fp8_logits_mgpu",
+    )
