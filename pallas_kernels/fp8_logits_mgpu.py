@@ -26,24 +26,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.gemm_mgpu import (
-    CONSUMERS,
-    Tiles,
-    accumulate,
-    consumer_loop,
-    launch,
-    producer,
-    ring_scratch,
-    schedule,
-    transforms,
-)
+from pallas_kernels import gemm_mgpu as gemm
 from pallas_kernels.shapes import out_struct
 
 _FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
-TILES = Tiles(tile_m=128, tile_n=128, tile_k=128, stages=4)  # 128-byte K slices of FP8
+TILES = gemm.Tiles(tile_m=128, tile_n=128, tile_k=128, stages=4)  # 128-byte K slices of FP8
 
 
-def _check(x8_NK, w8_VK, tiles: Tiles) -> None:
+def _check(x8_NK, w8_VK, tiles: gemm.Tiles) -> None:
     (n, k), (v, k2) = x8_NK.shape, w8_VK.shape
     if x8_NK.dtype not in _FP8 or w8_VK.dtype not in _FP8:
         raise ValueError(
@@ -58,25 +48,20 @@ def _check(x8_NK, w8_VK, tiles: Tiles) -> None:
             f"fp8_logits_mgpu: tile_k must be a multiple of 128 (a 128-byte FP8 row), tile_m and tile_n "
             f"of 64, stages at least 2; got {tiles}"
         )
-    if n % (CONSUMERS * tiles.tile_m) or v % tiles.tile_n or k % tiles.tile_k:
+    if n % (gemm.CONSUMERS * tiles.tile_m) or v % tiles.tile_n or k % tiles.tile_k:
         raise ValueError(
-            f"fp8_logits_mgpu: need N = {n} a multiple of {CONSUMERS * tiles.tile_m}, V = {v} of "
+            f"fp8_logits_mgpu: need N = {n} a multiple of {gemm.CONSUMERS * tiles.tile_m}, V = {v} of "
             f"{tiles.tile_n} and K = {k} of {tiles.tile_k}"
         )
 
 
-def fits(n: int, k: int, v: int, tiles: Tiles = TILES) -> bool:
-    """Whether [N, K] × [V, K] tile evenly at `tiles`."""
-    return not (n % (CONSUMERS * tiles.tile_m) or v % tiles.tile_n or k % tiles.tile_k)
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
-def fp8_logits(x8_NK, w8_VK, *, scale: float, tiles: Tiles = TILES, interpret=None) -> jax.Array:
+def fp8_logits(x8_NK, w8_VK, *, scale: float, tiles: gemm.Tiles = TILES, interpret=None) -> jax.Array:
     """`bf16(scale · x8 @ w8ᵀ)` [N, V]: float32 sums, times the float32 `scale`, rounded once."""
     _check(x8_NK, w8_VK, tiles)
     n, k = x8_NK.shape
     v = w8_VK.shape[0]
-    sched = schedule(n, k, v, tiles, interpret)
+    sched = gemm.schedule(n, k, v, tiles, interpret)
     tm, tn = tiles.tile_m, tiles.tile_n
     scale32 = np.float32(scale)  # a literal in the kernel, rounded to float32 as the record's scale
 
@@ -85,28 +70,28 @@ def fp8_logits(x8_NK, w8_VK, *, scale: float, tiles: Tiles = TILES, interpret=No
             pid, wg = lax.axis_index("programs"), lax.axis_index("wg")
 
             def tile_body(i, mi, ni, first):
-                acc = accumulate(ring_smem, wg=wg, first=first, w_rows_are_n=True, sched=sched)
+                acc = gemm.accumulate(ring_smem, wg=wg, first=first, w_rows_are_n=True, sched=sched)
                 out = out_smem.at[wg]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store has left SMEM
                 out[...] = (acc * scale32).astype(out.dtype)
                 plgpu.commit_smem()
-                rows = pl.ds((mi * CONSUMERS + wg) * tm, tm)
+                rows = pl.ds((mi * gemm.CONSUMERS + wg) * tm, tm)
                 plgpu.copy_smem_to_gmem(out, out_ref.at[rows, pl.ds(ni * tn, tn)])
 
-            pl.when(wg < CONSUMERS)(lambda: consumer_loop(pid, sched, tile_body))
-            pl.when(wg == CONSUMERS)(
-                lambda: producer(x_ref, w_ref, ring_smem, pid=pid, w_rows_are_n=True, sched=sched)
+            pl.when(wg < gemm.CONSUMERS)(lambda: gemm.consumer_loop(pid, sched, tile_body))
+            pl.when(wg == gemm.CONSUMERS)(
+                lambda: gemm.producer(x_ref, w_ref, ring_smem, pid=pid, w_rows_are_n=True, sched=sched)
             )
 
         pl.run_scoped(
             scoped,
-            ring_scratch(x8_NK, w8_VK, tiles, True),
-            plgpu.SMEM((CONSUMERS, tm, tn), jnp.bfloat16, transforms=transforms(jnp.bfloat16)),
+            gemm.ring_scratch(x8_NK, w8_VK, tiles, True),
+            plgpu.SMEM((gemm.CONSUMERS, tm, tn), jnp.bfloat16, transforms=gemm.transforms(jnp.bfloat16)),
             collective_axes="wg",
         )
 
     out_shape = out_struct(x8_NK, (n, v), jnp.bfloat16)
-    return launch(
+    return gemm.launch(
         kernel,
         x8_NK,
         w8_VK,

@@ -84,8 +84,7 @@ def test_the_scale_is_applied_in_float32_before_the_rounding():
     assert _differ(out, exact) <= FLIP_FRAC, f"seed {seed}"
 
 
-def test_fits_and_bad_inputs_are_named():
-    assert fp8_logits_mgpu.fits(49152, 768, 50304) and not fp8_logits_mgpu.fits(96, 768, 50304)
+def test_bad_inputs_are_named():
     x8, w8 = _operands(0, 512, 256, 384)
     with pytest.raises(ValueError, match="N = 500 a multiple of 256"):
         fp8_logits_mgpu.fp8_logits(x8[:500], w8, scale=SCALE)
