@@ -2,7 +2,7 @@
 
   python benchmarks/fp8_hlo.py [--tokens 49152] [--loss xla_fused|xla]
   python benchmarks/fp8_hlo.py --accumulation [--k 4096,16384,65536]
-  python benchmarks/fp8_hlo.py --forms [--tokens 49152] [--mosaic-tiles 128x128x128x4,...]
+  python benchmarks/fp8_hlo.py --forms [--tokens 49152] [--mosaic-tiles 128x128x128x3,...]
 
 The record runs its lm_head as three FP8 GEMMs (torch._scaled_mm): e4m3 × e4m3 forward, and e5m2 × e4m3
 for the input's and the weight's gradients. jaxrun writes each as a `dot_general` of float8 operands with
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--forms", action="store_true", help="time the forward GEMM written five ways instead")
     p.add_argument(
         "--mosaic-tiles",
-        default="128x128x128x4",
+        default="128x128x128x3",
         help="--forms: the Mosaic kernel's tilings, tile_m x tile_n x tile_k x stages, comma-separated",
     )
     a = p.parse_args(argv)

@@ -30,7 +30,15 @@ from pallas_kernels import gemm_mgpu as gemm
 from pallas_kernels.shapes import out_struct
 
 _FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
-TILES = gemm.Tiles(tile_m=128, tile_n=128, tile_k=128, stages=4)  # 128-byte K slices of FP8
+TILES = gemm.Tiles(tile_m=128, tile_n=128, tile_k=128, stages=3)  # 128-byte K slices of FP8
+SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
+
+
+def smem_bytes(tiles: gemm.Tiles) -> int:
+    """Shared memory of one CTA: the ring's FP8 slots (both consumers' x rows, one w slice) and
+    both consumers' bf16 output tiles."""
+    tm, tn, tk = tiles.tile_m, tiles.tile_n, tiles.tile_k
+    return tiles.stages * (gemm.CONSUMERS * tm + tn) * tk + gemm.CONSUMERS * tm * tn * 2
 
 
 def _check(x8_NK, w8_VK, tiles: gemm.Tiles) -> None:
@@ -47,6 +55,11 @@ def _check(x8_NK, w8_VK, tiles: gemm.Tiles) -> None:
         raise ValueError(
             f"fp8_logits_mgpu: tile_k must be a multiple of 128 (a 128-byte FP8 row), tile_m and tile_n "
             f"of 64, stages at least 2; got {tiles}"
+        )
+    if smem_bytes(tiles) > SMEM_BYTES:
+        raise ValueError(
+            f"fp8_logits_mgpu: {tiles} needs {smem_bytes(tiles) // 1024} KB of shared memory, over "
+            f"Hopper's {SMEM_BYTES // 1024} KB: fewer stages or smaller tiles"
         )
     if n % (gemm.CONSUMERS * tiles.tile_m) or v % tiles.tile_n or k % tiles.tile_k:
         raise ValueError(

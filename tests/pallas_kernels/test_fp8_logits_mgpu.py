@@ -94,6 +94,15 @@ def test_bad_inputs_are_named():
         fp8_logits_mgpu.fp8_logits(x8, w8[:, :128], scale=SCALE)
     with pytest.raises(ValueError, match="tile_k must be a multiple of 128"):
         fp8_logits_mgpu.fp8_logits(x8, w8, scale=SCALE, tiles=Tiles(tile_k=64))
+    with pytest.raises(ValueError, match="needs 256 KB of shared memory, over Hopper's 227 KB"):
+        fp8_logits_mgpu.fp8_logits(
+            x8, w8, scale=SCALE, tiles=Tiles(tile_m=128, tile_n=128, tile_k=128, stages=4)
+        )
+
+
+def test_the_default_tiling_fits_shared_memory():
+    """The simulator does not bound shared memory; a Hopper GPU does (227 KB a CTA)."""
+    assert fp8_logits_mgpu.smem_bytes(fp8_logits_mgpu.TILES) == 208 * 1024 <= fp8_logits_mgpu.SMEM_BYTES
 
 
 def test_operands_are_in_e4m3_range():
