@@ -100,6 +100,16 @@ def test_bad_inputs_are_named():
         )
 
 
+@pytest.mark.parametrize("tiles", [fp8_logits_mgpu.TILES, Tiles(tile_m=64, tile_n=192, tile_k=128, stages=4)])
+def test_lowers_for_hopper(tiles):
+    """The compiled path (wgmma on K-major FP8 operands, the bf16 epilogue's TMA store) lowers to
+    Mosaic GPU for CUDA at record #77's stage-2 shape, without a GPU: the simulator skips lowering."""
+    x = jax.ShapeDtypeStruct((49152, 768), jnp.float8_e4m3fn)
+    w = jax.ShapeDtypeStruct((50304, 768), jnp.float8_e4m3fn)
+    logits = jax.jit(lambda x8, w8: fp8_logits_mgpu.fp8_logits(x8, w8, scale=SCALE, tiles=tiles))
+    assert "fp8_logits_mgpu" in logits.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_the_default_tiling_fits_shared_memory():
     """The simulator does not bound shared memory; a Hopper GPU does (227 KB a CTA)."""
     assert fp8_logits_mgpu.smem_bytes(fp8_logits_mgpu.TILES) == 208 * 1024 <= fp8_logits_mgpu.SMEM_BYTES

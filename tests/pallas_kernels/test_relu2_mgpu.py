@@ -113,3 +113,22 @@ def test_bad_shapes_and_dtypes_are_named():
         relu2_mgpu.d_pre(dy, w2, jnp.zeros((512, 128), jnp.bfloat16), column_sum=True)
     with pytest.raises(ValueError, match="tile_n = 96 must be a multiple of 64"):
         relu2_mgpu.up_relu2(x, w1, b1, tiles=relu2_mgpu.Tiles(tile_n=96))
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_lowers_for_hopper(tiling):
+    """The compiled path (wgmma, TMA, the epilogues in the WGMMA layout) lowers to Mosaic GPU for
+    CUDA at every tiling the bench sweeps, without a GPU: the simulator skips lowering."""
+    tm, tn, tk, stages = tiling
+    tiles = relu2_mgpu.Tiles(tile_m=tm, tile_n=tn, tile_k=tk, stages=stages)
+    n, d, f = 49152, 768, 3072  # record #77's stage-2 micro-batch
+    bf16 = jnp.bfloat16
+
+    def up_and_d_pre(x, w1, b1, dy, w2):
+        post = relu2_mgpu.up_relu2(x, w1, b1, tiles=tiles)
+        return relu2_mgpu.d_pre(dy, w2, post, column_sum=True, tiles=tiles)
+
+    shapes = [(n, d, bf16), (d, f, bf16), (f, jnp.float32), (n, d, bf16), (f, d, bf16)]
+    args = [jax.ShapeDtypeStruct(s[:-1], s[-1]) for s in shapes]
+    text = jax.jit(up_and_d_pre).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "relu2_up_mgpu" in text and "relu2_dpre_mgpu" in text
