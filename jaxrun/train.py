@@ -142,7 +142,9 @@ def make_train_step(
         grads, loss_sum, count, act_amax = local_grads(
             params, batch, schedule.multi_token_weights(cfg, step), fp8
         )
-        loss_sum, count = jax.lax.psum((loss_sum, count), axis)
+        # The count goes as float32 (exact to 2^24 tokens a step), so one all-reduce carries the
+        # loss sum, the count and the squared gradient norm below: a collective fewer a step
+        loss_sum, count = jax.lax.psum((loss_sum, count.astype(jnp.float32)), axis)
         waiting = adam_hold.waiting_leaves(grads, held, adam_step, mode.tied)  # leaves that move nothing
         grads, held = adam_hold.hold_grads(grads, held, adam_step)
         grads = jax.tree.map(

@@ -1,6 +1,7 @@
 """The sharded (ZeRO-1) step: same maths as one device, state split across devices."""
 
 import dataclasses
+import re
 from collections import Counter
 
 import chex
@@ -184,6 +185,20 @@ def test_record77_moves_adam_leaves_only_on_adam_steps():
             assert counts[False][name] == kinds.count("normuon"), (name, counts)
     with pytest.raises(ValueError, match="adam_step=None"):
         train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0))
+
+
+def test_record77_step_has_one_all_reduce():
+    """The loss sum, the token count and the squared gradient norm leave each device in one
+    all-reduce (the count as float32): no second small collective a step."""
+    cfg = _tiny_record77()
+    mesh = sharding.make_mesh(MeshConfig(num_devices=8))
+    state = train.init_state(cfg, jax.random.key(0), mesh)
+    spec = jax.ShapeDtypeStruct((1, 8, 32), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    batch = dict.fromkeys(("inputs", "targets", "segment_ids"), spec)
+    step = train.make_train_step(cfg, mesh, schedule.train_mode(cfg, 0), True)
+    hlo = step.lower(state, batch).compile().as_text()
+    reduces = [line for line in hlo.splitlines() if re.search(r"\ball-reduce(-start)?\(", line)]
+    assert len(reduces) == 1 and "s32" not in reduces[0], reduces
 
 
 @pytest.mark.slow
