@@ -161,6 +161,20 @@ def _collectives(jaxpr) -> Counter:
     return found
 
 
+def test_record77_state_has_no_weak_types():
+    """Every leaf of the fresh state is strongly typed, as the step's outputs are: a weakly typed
+    init would make the jitted step compile again after its first update."""
+    cfg = _tiny_record77()
+    mesh = sharding.make_mesh(MeshConfig(num_devices=8))
+    state = train.init_state(cfg, jax.random.key(0), mesh)
+    weak = [
+        jax.tree_util.keystr(p)
+        for p, x in jax.tree_util.tree_leaves_with_path(state)
+        if jax.typeof(x).weak_type
+    ]
+    assert weak == []
+
+
 def test_record77_moves_adam_leaves_only_on_adam_steps():
     """On 8 devices the step between Adam's updates reduce-scatters and all-gathers NorMuon's
     leaves only; Adam's step moves Adam's leaves too, one reduce-scatter and one gather each, but

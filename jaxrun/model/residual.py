@@ -30,17 +30,19 @@ OPTIM_ROWS = (
 def init(cfg: ModelConfig) -> Params:
     r, L = cfg.residual, cfg.num_layers
     p: Params = {}
+    # float32 given, not taken from the Python scalars: a weakly typed leaf would compile the jitted
+    # step again once its first update makes it float32
     if r.lambdas:  # record #77's inits: √1.1 per sublayer (1.1 per layer), x0 0, bigram 0.05
-        p["resid_lambdas"] = jnp.full((L, 2), math.sqrt(1.1))
+        p["resid_lambdas"] = jnp.full((L, 2), math.sqrt(1.1), jnp.float32)
         p["post_lambdas"] = jnp.ones((L, 2))
         p["x0_lambdas"] = jnp.zeros((L,))
         if cfg.embed.bigram is not None:
-            p["bigram_lambdas"] = jnp.full((L,), 0.05)
+            p["bigram_lambdas"] = jnp.full((L,), 0.05, jnp.float32)
     if r.skip is not None:
         p["skip_gate"] = jnp.zeros((SKIP_GATE_WIDTH, 1))
-        p["skip_lambda"] = jnp.full((), -1.5)  # σ(-1.5) ≈ 0.18
+        p["skip_lambda"] = jnp.full((), -1.5, jnp.float32)  # σ(-1.5) ≈ 0.18
     if r.backout:
-        p["backout_lambda"] = jnp.full((), 0.5)
+        p["backout_lambda"] = jnp.full((), 0.5, jnp.float32)
     return {"residual": p} if p else {}
 
 
