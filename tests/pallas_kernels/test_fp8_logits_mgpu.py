@@ -1,7 +1,9 @@
 """The Mosaic GPU FP8 logits GEMM (`fp8_logits_mgpu.fp8_logits`) against a float32 reference.
 
 The reference sums the e4m3 products in float32, multiplies by the float32 scale and rounds to bf16
-once: `torch._scaled_mm(..., out_dtype=bf16)`, record #77's forward head. On CPU the kernel runs in
+once: `torch._scaled_mm(..., out_dtype=bf16)`, record #77's forward head, without its fast
+accumulation. On a GPU the kernel's sums are the tensor core's (fast accumulation): within the
+tolerance, but not the exactly rounded sums (the GPU class's expected failure says by how much). On CPU the kernel runs in
 the Mosaic GPU simulator (five CTAs, each walking several tiles); the `gpu`-marked class compiles it
 for Hopper at record #77's stage-2 micro-batch.
 """
@@ -47,22 +49,38 @@ class _Fp8LogitsTest:
     SHAPE = (49152, 768, 50304)  # record #77's stage-2 micro-batch on one GPU
     TILINGS = (fp8_logits_mgpu.TILES,)
 
+    def _run(self, tiles):
+        seed = fresh_seed()
+        x8, w8 = _operands(seed, *self.SHAPE)
+        sim = plgpu.InterpretGPUParams() if self.INTERPRET else None
+        out = fp8_logits_mgpu.fp8_logits(x8, w8, scale=SCALE, tiles=tiles, interpret=sim)
+        assert out.dtype == jnp.bfloat16 and out.shape == (self.SHAPE[0], self.SHAPE[2])
+        return seed, out, _reference(x8, w8, SCALE)
+
     def test_matches_reference(self):
         for tiles in self.TILINGS:
-            seed = fresh_seed()
-            x8, w8 = _operands(seed, *self.SHAPE)
-            sim = plgpu.InterpretGPUParams() if self.INTERPRET else None
-            out = fp8_logits_mgpu.fp8_logits(x8, w8, scale=SCALE, tiles=tiles, interpret=sim)
-            want = _reference(x8, w8, SCALE)
-            assert out.dtype == jnp.bfloat16 and out.shape == (self.SHAPE[0], self.SHAPE[2])
+            seed, out, want = self._run(tiles)
             worst, _ = errors(out, want)
             assert worst <= TOL, f"{tiles} (seed {seed}): {float(worst):.2e}"
+
+    def test_rounds_the_exact_float32_sums(self):
+        for tiles in self.TILINGS:
+            seed, out, want = self._run(tiles)
             assert _differ(out, want) <= FLIP_FRAC, f"{tiles} (seed {seed})"
 
 
 @pytest.mark.gpu
 class TestFp8LogitsMgpu(_Fp8LogitsTest):
     """Compiled for Hopper at record #77's stage-2 shape."""
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="on an H100 (2026-12-07) 11.6% of the logits rounded to a neighbouring bf16: FP8 wgmma "
+        "sums K in the tensor core at reduced precision, as the record's fast-accumulating forward "
+        "`_scaled_mm` does, not in float32 (the simulator's sums are exact)",
+    )
+    def test_rounds_the_exact_float32_sums(self):
+        super().test_rounds_the_exact_float32_sums()
 
 
 class TestFp8LogitsMgpuInterpret(_Fp8LogitsTest):
