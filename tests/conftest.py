@@ -1,9 +1,12 @@
-"""Test setup: eight host devices for sharding tests, strict rank promotion, inline CPU dispatch."""
+"""Test setup: eight host devices for sharding tests, quicker CPU compiles, strict rank promotion, inline CPU dispatch."""
 
 import os
 
+# LLVM at -O1 rather than -O2: the suite's time is mostly XLA compiling for the CPU, and at -O1 a
+# record77 step variant compiles in 8 s rather than 10 s and runs no slower at the tests' sizes.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1"
 ).strip()
 
 import jax
