@@ -84,7 +84,7 @@ class TestFp8LogitsMgpu(_Fp8LogitsTest):
 
 
 class TestFp8LogitsMgpuInterpret(_Fp8LogitsTest):
-    """In the Mosaic GPU simulator: 2 × 3 tiles of 256 × 128 on 5 CTAs, K in two slices."""
+    """In the Mosaic GPU simulator: 4 × 2 tiles of 128 × 192 on 5 CTAs, K in two slices."""
 
     INTERPRET = True
     SHAPE = (512, 256, 384)
@@ -104,7 +104,7 @@ def test_the_scale_is_applied_in_float32_before_the_rounding():
 
 def test_bad_inputs_are_named():
     x8, w8 = _operands(0, 512, 256, 384)
-    with pytest.raises(ValueError, match="N = 500 a multiple of 256"):
+    with pytest.raises(ValueError, match="N = 500 a multiple of 128"):
         fp8_logits_mgpu.fp8_logits(x8[:500], w8, scale=SCALE)
     with pytest.raises(ValueError, match="must be float8"):
         fp8_logits_mgpu.fp8_logits(x8.astype(jnp.bfloat16), w8, scale=SCALE)
@@ -118,7 +118,7 @@ def test_bad_inputs_are_named():
         )
 
 
-@pytest.mark.parametrize("tiles", [fp8_logits_mgpu.TILES, Tiles(tile_m=64, tile_n=192, tile_k=128, stages=4)])
+@pytest.mark.parametrize("tiles", [fp8_logits_mgpu.TILES, Tiles(tile_m=128, tile_n=128, tile_k=128, stages=3)])
 def test_lowers_for_hopper(tiles):
     """The compiled path (wgmma on K-major FP8 operands, the bf16 epilogue's TMA store) lowers to
     Mosaic GPU for CUDA at record #77's stage-2 shape, without a GPU: the simulator skips lowering."""
