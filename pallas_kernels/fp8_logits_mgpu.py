@@ -74,7 +74,7 @@ def _check(x8_NK, w8_VK, tiles: gemm.Tiles) -> None:
 
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
 def fp8_logits(x8_NK, w8_VK, *, scale: float, tiles: gemm.Tiles = TILES, interpret=None) -> jax.Array:
-    """`bf16(scale · x8 @ w8ᵀ)` [N, V]: float32 sums, times the float32 `scale`, rounded once."""
+    """`bf16(scale · x8 @ w8ᵀ)` [N, V]: wgmma's sums, times the float32 `scale`, rounded once."""
     _check(x8_NK, w8_VK, tiles)
     n, k = x8_NK.shape
     v = w8_VK.shape[0]
