@@ -25,6 +25,8 @@ from jax.experimental import pallas as pl
 from jaxrun.config import FP8HeadConfig
 from pallas_kernels import mtp_ce
 
+# Lowering (rather than interpreting) a Triton kernel warns that jax deprecates the backend.
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 N, V = 49152, 50304  # record #77's stage-2 micro-batch on one GPU, and its vocabulary
 _ARG = re.compile(r"%arg(\d+): !tt\.ptr<")
 _DEF = re.compile(r"^\s*(%[\w.#]+) = [\w.]+ (.*)$")
